@@ -1,0 +1,229 @@
+"""The `kvfs` command: one entry point, one subcommand per tool.
+
+Every subcommand is a function taking parsed arguments and returning an exit code; `main()`
+turns QuietError into one line on stderr and its exit code (see kvfs.errors and man/).
+"""
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+
+from . import __version__
+from .errors import QuietError, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE
+
+SUBCOMMANDS = ("mkfs", "mount", "umount", "fsck")
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*$", re.I)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+
+
+def parse_size(text: str) -> int:
+    """'200G', '512MiB', '4096' -> bytes (binary units)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 4096, 64M, 200G)")
+    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return value
+
+
+def parse_device(text: str) -> tuple[str, int | None]:
+    path, sep, size = text.rpartition(":")
+    if sep and path and not size.startswith("/"):
+        return path, parse_size(size)
+    return text, None
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n}"
+
+
+def cmd_mkfs(args) -> int:
+    from .warehouse import Warehouse
+
+    sb = Warehouse.mkfs(args.warehouse, devices=args.device or None, size=args.size,
+                        block_size=args.block_size, compression=args.compress, force=args.force)
+    if args.json:
+        print(json.dumps(sb, indent=2))
+    else:
+        total = sum(d["size"] for d in sb["devices"])
+        print(f"created warehouse {os.path.abspath(args.warehouse)} (uuid {sb['uuid']})")
+        print(f"  block size {human(sb['block_size'])}, compression {sb['compression']}, "
+              f"{len(sb['devices'])} device(s), {human(total)} in all")
+        for i, d in enumerate(sb["devices"]):
+            print(f"  device {i}: {d['path']} ({human(d['size'])})")
+    return EXIT_OK
+
+
+def cmd_mount(args) -> int:
+    from . import mount as m
+
+    warehouse = os.path.abspath(args.warehouse)
+    mountpoint = os.path.abspath(args.mountpoint)
+    fuse_opts, kvfs_opts = m.split_options(args.o or [])
+    if args.compress:
+        kvfs_opts["compress"] = args.compress
+    if args.durability:
+        kvfs_opts["durability"] = args.durability
+    if kvfs_opts.get("durability", "fsync") not in ("fsync", "close"):
+        raise QuietError(f"durability must be 'fsync' or 'close', not {kvfs_opts['durability']!r}", EXIT_USAGE)
+    if not os.path.isdir(os.path.join(warehouse, "meta")):
+        from .errors import EXIT_NO_WAREHOUSE
+
+        raise QuietError(f"{warehouse} is not a kvfs warehouse (run kvfs mkfs first)", EXIT_NO_WAREHOUSE)
+    if m.is_dead_mount(mountpoint):
+        # A daemon that was killed leaves "Transport endpoint is not connected" behind.
+        print(f"kvfs: {mountpoint}: stale mount of a dead daemon; detaching it", file=sys.stderr)
+        m.fusermount_unmount(mountpoint, lazy=True)
+    if not os.path.isdir(mountpoint):
+        raise QuietError(f"mount point {mountpoint} does not exist or is not a directory", EXIT_MOUNT_FAILED)
+    if m.find_mount(mountpoint) is not None:
+        raise QuietError(f"{mountpoint} is already a kvfs mount point", EXIT_MOUNT_FAILED)
+    if args.foreground:
+        m.setup_logging(warehouse, args.debug, to_stderr=not args.quiet)
+        return m.serve(warehouse, mountpoint, fuse_opts, kvfs_opts, ready_fd=args.ready_fd)
+    argv = ["mount", warehouse, mountpoint]
+    for opt in args.o or []:
+        argv += ["-o", opt]
+    if args.debug:
+        argv.append("--debug")
+    if args.compress:
+        argv += ["--compress", args.compress]
+    if args.durability:
+        argv += ["--durability", args.durability]
+    note = m.start_daemon(argv, warehouse)
+    if not args.quiet:
+        print(f"kvfs: mounted {warehouse} on {mountpoint}" + (f" ({note})" if note else ""))
+    return EXIT_OK
+
+
+def cmd_umount(args) -> int:
+    from .mount import unmount
+
+    source = unmount(args.mountpoint, lazy=args.lazy, timeout=args.timeout)
+    if not args.quiet:
+        print(f"kvfs: unmounted {args.mountpoint}; {source} is clean")
+    return EXIT_OK
+
+
+def cmd_fsck(args) -> int:
+    from .fsck import run_fsck
+
+    return run_fsck(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvfs",
+        description="kvfs: a token warehouse for LLM KV caches, presented as a FUSE filesystem.",
+        epilog="Each subcommand has a man page: man kvfs-SUBCOMMAND (see man/ in the source tree).",
+    )
+    p.add_argument("--version", action="version", version=f"kvfs {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("mkfs", help="create a warehouse",
+                       description="Create a warehouse: LMDB metadata plus one or more data devices.",
+                       epilog="examples:\n  kvfs mkfs /var/lib/kvfs/w1\n"
+                              "  kvfs mkfs /var/lib/kvfs/w1 --device /dev/nvme1n1 --device /dev/nvme2n1\n"
+                              "  kvfs mkfs /var/lib/kvfs/w1 --device /data/a.img:200G --block-size 256K",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("warehouse", help="warehouse directory (created if missing)")
+    s.add_argument("--device", action="append", type=parse_device, metavar="PATH[:SIZE]",
+                   help="block device or file (a file is created and preallocated at SIZE); repeat to stripe")
+    s.add_argument("--size", type=parse_size, metavar="SIZE",
+                   help="size of the default device WAREHOUSE/data0.img when no --device is given "
+                        "(default: 4G, at most half the free space)")
+    s.add_argument("--block-size", type=parse_size, default=1 << 20, metavar="SIZE",
+                   help="logical block size, a power of two from 4K to 16M (default 1M)")
+    s.add_argument("--compress", choices=("none", "zstd"), default="none",
+                   help="default codec for new blocks (default none)")
+    s.add_argument("--force", action="store_true", help="replace an existing warehouse / reuse device files")
+    s.add_argument("--json", action="store_true", help="print the superblock as JSON")
+    s.set_defaults(func=cmd_mkfs)
+
+    s = sub.add_parser("mount", help="mount a warehouse",
+                       description="Mount a warehouse. Returns once the mount serves requests "
+                                   "(the daemon logs to WAREHOUSE/kvfs.log), or stays in front with --foreground.",
+                       epilog="examples:\n  kvfs mount /var/lib/kvfs/w1 /mnt/kvfs\n"
+                              "  kvfs mount /var/lib/kvfs/w1 /mnt/kvfs -o allow_other,ro\n"
+                              "fstab:\n  /var/lib/kvfs/w1  /mnt/kvfs  fuse.kvfs  allow_other,_netdev  0 0",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("warehouse")
+    s.add_argument("mountpoint")
+    s.add_argument("-o", action="append", metavar="OPTIONS",
+                   help="comma-separated mount options: FUSE/kernel ones (allow_other, ro, "
+                        "default_permissions, ...) pass through; compress=zstd|none and "
+                        "durability=fsync|close are kvfs's own")
+    s.add_argument("--foreground", "-f", action="store_true", help="stay in front; log to stderr too")
+    s.add_argument("--debug", "-d", action="store_true", help="log every operation")
+    s.add_argument("--compress", choices=("none", "zstd"), help="codec for new blocks on this mount")
+    s.add_argument("--durability", choices=("fsync", "close"),
+                   help="fsync (default): data is durable at fsync and every 5 s; close: at every close")
+    s.add_argument("--quiet", "-q", action="store_true", help=argparse.SUPPRESS)
+    s.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_mount)
+
+    s = sub.add_parser("umount", help="unmount and wait until the warehouse is clean",
+                       description="Unmount a kvfs mount point: the daemon commits open files, marks "
+                                   "the warehouse clean and exits; umount returns after that.",
+                       epilog="example:\n  kvfs umount /mnt/kvfs",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("mountpoint")
+    s.add_argument("--lazy", "-z", action="store_true", help="detach now even if busy (like umount -l)")
+    s.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the daemon (default 120)")
+    s.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
+    s.set_defaults(func=cmd_umount)
+
+    s = sub.add_parser("fsck", help="check a warehouse that is not mounted",
+                       description="Check the metadata of an unmounted warehouse against its invariants: "
+                                   "reference counts, extent overlaps, leaked space, dangling entries.",
+                       epilog="examples:\n  kvfs fsck /var/lib/kvfs/w1\n  kvfs fsck /var/lib/kvfs/w1 --verify-data --json\n"
+                              "  kvfs fsck /var/lib/kvfs/w1 --repair",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("warehouse")
+    s.add_argument("--verify-data", action="store_true", help="also read every block and verify its hash")
+    s.add_argument("--repair", action="store_true",
+                   help="fix what was found: recompute reference counts, reclaim leaked space, "
+                        "drop dangling entries (never touches intact data)")
+    s.add_argument("--json", action="store_true", help="print a machine-readable report")
+    s.set_defaults(func=cmd_fsck)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    argv = list(argv)
+    # mount.fuse3 (fstab type fuse.kvfs) runs "kvfs WAREHOUSE MOUNTPOINT -o OPTS".
+    if argv and argv[0] not in SUBCOMMANDS and not argv[0].startswith("-"):
+        argv.insert(0, "mount")
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        return args.func(args)
+    except QuietError as exc:
+        print(f"kvfs {args.command}: {exc}", file=sys.stderr)
+        return exc.exitcode
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug: keep the traceback, in the log if there is one
+        logging.getLogger("kvfs").exception("internal error")
+        print(f"kvfs {args.command}: internal error: {exc!r}", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,262 @@
+"""kvfs fsck: check an unmounted warehouse against the invariants of its schema.
+
+One `check_*` method per invariant; each records problems in `self.problems` (and
+`found_errors`). With repair=True, fixes are made in the same write transaction: reference
+counts are recomputed from the block maps, leaked extents go back to the free map, entries
+that point nowhere are dropped. Nothing that is intact is touched.
+"""
+
+import collections
+import json
+import os
+import stat
+import sys
+
+from . import codec as codecs
+from . import meta as M
+from .errors import Corrupt, KvfsError, EXIT_FSCK_ERRORS, EXIT_OK
+from .store import DATA_START, round_up
+from .warehouse import Warehouse
+
+
+class Fsck:
+    def __init__(self, wh: Warehouse, txn, repair: bool = False, progress=None):
+        self.wh = wh
+        self.meta = wh.meta
+        self.db = wh.meta.db
+        self.txn = txn
+        self.repair = repair
+        self.problems: list[str] = []
+        self.repaired = 0
+        self.stats = collections.Counter()
+        self.progress = progress or (lambda msg: None)
+
+    @property
+    def found_errors(self) -> bool:
+        return bool(self.problems)
+
+    def problem(self, msg: str, fixed: bool = False) -> None:
+        self.problems.append(msg + (" (repaired)" if fixed else ""))
+        if fixed:
+            self.repaired += 1
+
+    def run(self, verify_data: bool = False) -> None:
+        self.progress("checking directory entries")
+        self.check_entries()
+        self.progress("checking inodes and link counts")
+        self.check_inodes()
+        self.progress("checking block references")
+        self.check_refcounts()
+        self.progress("checking extents and free space")
+        self.check_extents()
+        if verify_data:
+            self.progress("verifying block data")
+            self.check_data()
+
+    def check_entries(self) -> None:
+        txn, db = self.txn, self.db
+        self.links = collections.Counter()
+        self.subdirs = collections.Counter()
+        for key, val in list(txn.cursor(db=db["dentries"])):
+            parent = M.parse_u64(key[:8])
+            name = key[8:]
+            ino, entry_id = M.parse_dentry_val(val)
+            self.stats["entries"] += 1
+            child = self.meta.get_inode(txn, ino)
+            pnode = self.meta.get_inode(txn, parent)
+            if child is None or pnode is None or not stat.S_ISDIR(pnode.mode):
+                fix = self.repair
+                self.problem(f"entry {name!r} in {parent} points to missing inode {ino}", fix)
+                if fix:
+                    txn.delete(key, db=db["dentries"])
+                    txn.delete(M.dirent_key(parent, entry_id), db=db["dirents"])
+                continue
+            if txn.get(M.dirent_key(parent, entry_id), db=db["dirents"]) != name:
+                fix = self.repair
+                self.problem(f"entry {name!r} in {parent} has no readdir record", fix)
+                if fix:
+                    txn.put(M.dirent_key(parent, entry_id), name, db=db["dirents"])
+            self.links[ino] += 1
+            if stat.S_ISDIR(child.mode):
+                self.subdirs[parent] += 1
+        for key, name in list(txn.cursor(db=db["dirents"])):
+            parent, entry_id = M.parse_dirent_key(key)
+            raw = txn.get(M.dentry_key(parent, name), db=db["dentries"])
+            if raw is None or M.parse_dentry_val(raw)[1] != entry_id:
+                fix = self.repair
+                self.problem(f"stale readdir record {name!r} in {parent}", fix)
+                if fix:
+                    txn.delete(key, db=db["dirents"])
+
+    def check_inodes(self) -> None:
+        txn, db = self.txn, self.db
+        orphans = {M.parse_u64(k) for k, _ in txn.cursor(db=db["orphans"])}
+        for key, val in list(txn.cursor(db=db["inodes"])):
+            inode = M.Inode.unpack(M.parse_u64(key), val)
+            self.stats["inodes"] += 1
+            if inode.ino == M.ROOT_INO:
+                expect = 2 + self.subdirs[inode.ino]
+            elif stat.S_ISDIR(inode.mode):
+                expect = (1 + 1 + self.subdirs[inode.ino]) if self.links[inode.ino] else 0
+            else:
+                expect = self.links[inode.ino]
+            if expect == 0 and inode.ino != M.ROOT_INO:
+                if inode.ino in orphans:
+                    continue  # unlinked while open: recovery purges it
+                fix = self.repair
+                self.problem(f"inode {inode.ino} is in no directory (lost)", fix)
+                if fix:
+                    self.wh._purge_inode(txn, inode.ino, [], collections.Counter())
+                continue
+            if inode.nlink != expect:
+                fix = self.repair
+                self.problem(f"inode {inode.ino} has nlink {inode.nlink}, expected {expect}", fix)
+                if fix:
+                    inode.nlink = expect
+                    self.meta.put_inode(txn, inode)
+        for name in ("orphans", "incomplete", "symlinks"):
+            for key, _ in list(txn.cursor(db=db[name])):
+                if txn.get(key, db=db["inodes"]) is None:
+                    fix = self.repair
+                    self.problem(f"{name} record for missing inode {M.parse_u64(key)}", fix)
+                    if fix:
+                        txn.delete(key, db=db[name])
+
+    def check_refcounts(self) -> None:
+        txn, db = self.txn, self.db
+        refs = collections.Counter()
+        for key, h in list(txn.cursor(db=db["bmap"])):
+            ino, idx = M.parse_bmap_key(key)
+            if txn.get(M.ino_key(ino), db=db["inodes"]) is None:
+                fix = self.repair
+                self.problem(f"block map of missing inode {ino} (block {idx})", fix)
+                if fix:
+                    txn.delete(key, db=db["bmap"])
+                continue
+            if txn.get(h, db=db["blocks"]) is None:
+                self.problem(f"inode {ino} block {idx} names block {h.hex()} that is not stored")
+                continue
+            refs[h] += 1
+        for h, val in list(txn.cursor(db=db["blocks"])):
+            rec = M.BlockRecord.unpack(val)
+            self.stats["blocks"] += 1
+            if rec.refcount != refs[h]:
+                fix = self.repair
+                self.problem(f"block {h.hex()} has refcount {rec.refcount}, counted {refs[h]}", fix)
+                if fix:
+                    if refs[h] == 0:
+                        txn.delete(h, db=db["blocks"])
+                        self.meta.free_add(txn, rec.dev, rec.offset, round_up(rec.stored_len))
+                    else:
+                        rec.refcount = refs[h]
+                        self.meta.put_block(txn, h, rec)
+
+    def check_extents(self) -> None:
+        txn, db = self.txn, self.db
+        ndev = len(self.wh.devices.devices)
+        spans = [[] for _ in range(ndev)]
+        for h, val in txn.cursor(db=db["blocks"]):
+            rec = M.BlockRecord.unpack(val)
+            if rec.dev >= ndev:
+                self.problem(f"block {h.hex()} lives on unknown device {rec.dev}")
+                continue
+            spans[rec.dev].append((rec.offset, round_up(rec.stored_len), "block " + h.hex()))
+        for key, val in txn.cursor(db=db["free"]):
+            dev, off = M.parse_free_key(key)
+            if dev >= ndev:
+                self.problem(f"free extent on unknown device {dev}")
+                continue
+            spans[dev].append((off, M.parse_u64(val), "free"))
+        for dev, items in enumerate(spans):
+            size = self.wh.devices.devices[dev].size
+            items.sort()
+            pos = DATA_START
+            leaks = []
+            for off, length, what in items:
+                if off < pos:
+                    self.problem(f"device {dev}: {what} at {off} overlaps the extent before it")
+                elif off > pos:
+                    leaks.append((pos, off - pos))
+                pos = max(pos, off + length)
+            if pos > size:
+                self.problem(f"device {dev}: extents run past the end of the device ({pos} > {size})")
+            elif pos < size:
+                leaks.append((pos, size - pos))
+            for off, length in leaks:
+                fix = self.repair
+                self.problem(f"device {dev}: {length} bytes at {off} leaked (neither used nor free)", fix)
+                if fix:
+                    self.meta.free_add(txn, dev, off, length)
+
+    def check_data(self) -> None:
+        txn, db = self.txn, self.db
+        for h, val in txn.cursor(db=db["blocks"]):
+            rec = M.BlockRecord.unpack(val)
+            try:
+                stored = self.wh.devices.devices[rec.dev].pread(rec.stored_len, rec.offset)
+                codecs.decode(stored, rec.codec, rec.raw_len, h)
+                self.stats["verified_blocks"] += 1
+            except (Corrupt, KvfsError) as exc:
+                self.problem(f"block {h.hex()} on device {rec.dev} at {rec.offset}: {exc}")
+
+
+def run_fsck(args) -> int:
+    wh = Warehouse(args.warehouse, readonly=False) if args.repair else None
+    if wh is None:
+        wh = _open_for_check(args.warehouse)
+    tty = sys.stderr.isatty() and not args.json
+
+    def progress(msg):
+        if tty:
+            print(f"kvfs fsck: {msg} ...", file=sys.stderr)
+
+    try:
+        recovered = wh.recovery
+        with wh.meta.begin(write=args.repair) as txn:
+            f = Fsck(wh, txn, repair=args.repair, progress=progress)
+            f.run(verify_data=args.verify_data)
+    finally:
+        if args.repair:
+            wh.close()
+        else:
+            wh.devices.close()
+            wh.meta.close()
+            os.close(wh._lock_fd)
+    unrepaired = len(f.problems) - f.repaired
+    report = {
+        "warehouse": os.path.abspath(args.warehouse),
+        "clean": not f.problems,
+        "problems": f.problems,
+        "repaired": f.repaired,
+        "recovery": recovered,
+        "stats": dict(f.stats),
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for p in f.problems:
+            print(f"  {p}")
+        s = f.stats
+        print(f"kvfs fsck: {s['inodes']} inodes, {s['entries']} entries, {s['blocks']} blocks: "
+              + ("clean" if not f.problems else f"{len(f.problems)} problems, {f.repaired} repaired"))
+    return EXIT_OK if unrepaired == 0 else EXIT_FSCK_ERRORS
+
+
+def _open_for_check(path: str) -> Warehouse:
+    """Open a warehouse for checking only: lock it, but change nothing (no recovery)."""
+    wh = Warehouse.__new__(Warehouse)
+    from .warehouse import _lock, META_DIR
+    from .errors import QuietError, EXIT_NO_WAREHOUSE
+
+    wh.path = os.path.abspath(path)
+    meta_dir = os.path.join(wh.path, META_DIR)
+    if not os.path.isdir(meta_dir):
+        raise QuietError(f"{wh.path} is not a kvfs warehouse", EXIT_NO_WAREHOUSE)
+    wh._lock_fd = _lock(wh.path)
+    try:
+        wh._open_meta(meta_dir, readonly=True)
+    except BaseException:
+        os.close(wh._lock_fd)
+        raise
+    wh.recovery = None
+    return wh

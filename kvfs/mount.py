@@ -1,0 +1,269 @@
+"""Mounting and unmounting: the daemon's main loop and the helpers around it.
+
+`kvfs mount` starts this module's `serve()` in a new session (the daemon) and waits on a
+pipe until the daemon says the mount is serving, or why it is not. Besides kvfs.fs, this is
+the only module that imports pyfuse3 and trio.
+"""
+
+import errno
+import logging
+import logging.handlers
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from .errors import QuietError, EXIT_MOUNT_FAILED, EXIT_NOT_MOUNTED
+from .warehouse import LOG_FILE, Warehouse
+
+log = logging.getLogger("kvfs.mount")
+
+CHECKPOINT_INTERVAL = 5.0  # seconds; bounds what a power cut can take (like ext4 commit=5)
+READ_AHEAD_KB = 4096
+# Mount options that belong to kvfs rather than to FUSE / the kernel.
+KVFS_OPTIONS = {"compress", "durability"}
+
+
+def setup_logging(warehouse: str, debug: bool, to_stderr: bool) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    fh = logging.handlers.RotatingFileHandler(
+        os.path.join(warehouse, LOG_FILE), maxBytes=16 << 20, backupCount=3)
+    fh.setFormatter(fmt)
+    root.addHandler(fh)
+    if to_stderr:
+        sh = logging.StreamHandler()
+        sh.setFormatter(fmt)
+        root.addHandler(sh)
+
+
+def split_options(opts: list[str]) -> tuple[set[str], dict[str, str]]:
+    """Split -o values into FUSE options and kvfs options (compress=, durability=)."""
+    fuse, ours = set(), {}
+    for group in opts:
+        for opt in group.split(","):
+            opt = opt.strip()
+            if not opt or opt in ("rw", "defaults", "auto", "noauto", "user", "nouser", "_netdev", "nofail"):
+                continue
+            key, _, val = opt.partition("=")
+            if key in KVFS_OPTIONS:
+                ours[key] = val
+            elif key.startswith("x-"):
+                continue  # fstab/systemd annotations
+            else:
+                fuse.add(opt)
+    return fuse, ours
+
+
+def raise_read_ahead(mountpoint: str) -> None:
+    """Buffered reads arrive 128 KiB at a time unless the mount's bdi read-ahead is raised."""
+    # No stat() of the mount point here: the daemon is not serving yet, it would deadlock.
+    info = find_mount(mountpoint, resolve=False)
+    if info is None:
+        log.info("mount point %s not found in mountinfo; read_ahead_kb unchanged", mountpoint)
+        return
+    try:
+        path = f"/sys/class/bdi/{info['dev']}/read_ahead_kb"
+        with open(path, "w") as f:
+            f.write(str(READ_AHEAD_KB))
+    except OSError as exc:
+        log.info("could not raise read_ahead_kb (%s); reads stay at the kernel default", exc)
+
+
+def serve(warehouse: str, mountpoint: str, fuse_opts: set[str], kvfs_opts: dict[str, str],
+          ready_fd: int | None = None) -> int:
+    """Run the daemon in this process until unmounted or signalled."""
+    import pyfuse3
+    import trio
+
+    from .fs import Operations
+
+    def tell(msg: str) -> None:
+        nonlocal ready_fd
+        if ready_fd is not None:
+            try:
+                os.write(ready_fd, msg.encode() + b"\n")
+            finally:
+                os.close(ready_fd)
+                ready_fd = None
+
+    readonly = "ro" in fuse_opts
+    try:
+        wh = Warehouse(warehouse, readonly=readonly, mountpoint=mountpoint,
+                       compression=kvfs_opts.get("compress") or None,
+                       durability=kvfs_opts.get("durability") or "fsync")
+    except QuietError as exc:
+        tell(f"error {exc.exitcode} {exc}")
+        raise
+    ops = Operations(wh)
+    options = set(pyfuse3.default_options) | {f"fsname={wh.path}", "subtype=kvfs"} | fuse_opts
+    try:
+        pyfuse3.init(ops, mountpoint, options)
+    except RuntimeError as exc:
+        wh.close()
+        msg = f"cannot mount on {mountpoint}: {exc}"
+        tell(f"error {EXIT_MOUNT_FAILED} {msg}")
+        raise QuietError(msg, EXIT_MOUNT_FAILED) from None
+    raise_read_ahead(mountpoint)
+    if wh.recovery is not None:
+        log.warning("warehouse was not cleanly unmounted; recovery ran: %s", wh.recovery)
+    log.info("serving %s on %s (pid %d, options %s)", wh.path, mountpoint, os.getpid(), sorted(options))
+
+    async def checkpoints():
+        while True:
+            await trio.sleep(CHECKPOINT_INTERVAL)
+            await trio.to_thread.run_sync(wh.checkpoint)
+
+    async def signals(cancel):
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as it:
+            async for sig in it:
+                log.info("signal %d: unmounting", sig)
+                pyfuse3.terminate()
+                return
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(checkpoints)
+            nursery.start_soon(signals, nursery.cancel_scope)
+            recovered = ""
+            if wh.recovery is not None:
+                r = wh.recovery
+                recovered = (f" recovered {r['incomplete_files']} incomplete files, "
+                             f"{r['orphans']} orphans, {r['unreferenced_blocks']} blocks")
+            tell("ready" + recovered)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    unmounted = False
+    try:
+        trio.run(main)
+        unmounted = True
+    finally:
+        try:
+            pyfuse3.close(unmount=True)
+        except Exception:
+            log.exception("pyfuse3.close failed")
+        wh.close()
+        log.info("warehouse %s closed cleanly%s", wh.path, "" if unmounted else " after an error")
+    return 0
+
+
+def start_daemon(argv: list[str], warehouse: str, timeout: float = 60.0) -> str:
+    """Start `kvfs mount --foreground ...` in a new session; return its ready message."""
+    rfd, wfd = os.pipe()
+    cmd = [sys.executable, "-m", "kvfs.cli", *argv, "--foreground", "--ready-fd", str(wfd), "--quiet"]
+    with open(os.devnull, "rb") as devnull, open(os.path.join(warehouse, LOG_FILE), "ab") as logf:
+        proc = subprocess.Popen(cmd, stdin=devnull, stdout=logf, stderr=logf, pass_fds=(wfd,),
+                                start_new_session=True, close_fds=True)
+    os.close(wfd)
+    deadline = time.monotonic() + timeout
+    buf = b""
+    try:
+        import select
+
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([rfd], [], [], 0.2)
+            if r:
+                chunk = os.read(rfd, 4096)
+                if not chunk:
+                    break
+                buf += chunk
+                if buf.endswith(b"\n"):
+                    break
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(rfd)
+    msg = buf.decode(errors="replace").strip()
+    if msg.startswith("ready"):
+        return msg[len("ready"):].strip()
+    if msg.startswith("error "):
+        _, code, text = msg.split(" ", 2)
+        raise QuietError(text, int(code))
+    if proc.poll() is None:
+        proc.kill()
+        raise QuietError(f"the daemon did not report ready in {timeout:.0f}s; see {warehouse}/{LOG_FILE}", EXIT_MOUNT_FAILED)
+    raise QuietError(f"the daemon exited with status {proc.returncode}; see {warehouse}/{LOG_FILE}", EXIT_MOUNT_FAILED)
+
+
+def _unescape(s: str) -> str:
+    return s.encode().decode("unicode_escape") if "\\" in s else s
+
+
+def find_mount(mountpoint: str, resolve: bool = True) -> dict | None:
+    """The /proc/self/mountinfo entry of a kvfs mount at `mountpoint`, if any."""
+    target = os.path.abspath(mountpoint)
+    if resolve:
+        try:
+            target = os.path.realpath(mountpoint)
+        except OSError:
+            pass
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        rfields = right.split()
+        if len(fields) < 5 or len(rfields) < 2:
+            continue
+        mp = _unescape(fields[4])
+        if mp == target and rfields[0] == "fuse.kvfs":
+            return {"mountpoint": mp, "source": _unescape(rfields[1]), "options": fields[5],
+                    "dev": fields[2]}
+    return None
+
+
+def is_dead_mount(mountpoint: str) -> bool:
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
+def fusermount_unmount(mountpoint: str, lazy: bool = False) -> None:
+    cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [mountpoint]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        err = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit {res.returncode}"
+        raise QuietError(f"cannot unmount {mountpoint}: {err}", EXIT_MOUNT_FAILED)
+
+
+def wait_unlocked(warehouse: str, timeout: float) -> bool:
+    """Wait until no process holds the warehouse lock (the daemon has finished closing)."""
+    import fcntl
+
+    path = os.path.join(warehouse, "lock")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(fd)
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def unmount(mountpoint: str, lazy: bool = False, timeout: float = 120.0) -> str:
+    info = find_mount(mountpoint)
+    if info is None:
+        raise QuietError(f"{mountpoint} is not a kvfs mount point", EXIT_NOT_MOUNTED)
+    fusermount_unmount(info["mountpoint"], lazy)
+    if not wait_unlocked(info["source"], timeout):
+        raise QuietError(
+            f"unmounted {mountpoint}, but the daemon has not finished closing {info['source']} "
+            f"after {timeout:.0f}s", EXIT_MOUNT_FAILED)
+    return info["source"]

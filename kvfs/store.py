@@ -1,0 +1,278 @@
+"""Backing devices: their headers, extent I/O, and the in-memory extent allocator.
+
+A device is a block device or a preallocated file. Its first DATA_START bytes hold a header
+naming the warehouse (uuid) and the device's index, so a mount never writes to the wrong
+disk. Extents are allocated in ALLOC_UNIT units from the data area.
+
+Allocation follows the 3FS order: an extent is taken from the in-memory FreeMap first, data
+is written, and only then does the metadata transaction that references it also remove it
+from the persistent free map (kvfs.meta). A crash before that commit leaves the extent free
+on disk: nothing leaks and nothing points at garbage. Freed extents come back to the
+in-memory map only after reads that might still be using them have finished.
+"""
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+import threading
+import uuid as uuidlib
+
+from sortedcontainers import SortedDict, SortedList
+
+from .errors import Corrupt, KvfsError, QuietError, EXIT_DEVICE
+
+ALLOC_UNIT = 4096
+DATA_START = 1 << 20  # header area; also keeps data extents 1 MiB-aligned at the start
+_MAGIC = b"KVFSDEV1"
+_HEADER = struct.Struct(">8s16sHQ")  # magic, warehouse uuid, device index, size
+BLKGETSIZE64 = 0x80081272
+
+
+def round_up(n: int, unit: int = ALLOC_UNIT) -> int:
+    return (n + unit - 1) // unit * unit
+
+
+def device_size(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if stat.S_ISBLK(os.fstat(fd).st_mode):
+            buf = fcntl.ioctl(fd, BLKGETSIZE64, b"\0" * 8)
+            return struct.unpack("Q", buf)[0]
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+def prepare_device(path: str, size: int | None, wh_uuid: str, index: int, force: bool) -> int:
+    """Create (files) or claim (block devices) a device and write its header.
+
+    Returns the usable size in bytes. Raises QuietError with a one-line reason."""
+    exists = os.path.exists(path)
+    is_blk = exists and stat.S_ISBLK(os.stat(path).st_mode)
+    if exists and not is_blk and not force and size is not None:
+        raise QuietError(f"{path}: file exists (use --force to reuse it)", EXIT_DEVICE)
+    if not is_blk:
+        if size is None:
+            if not exists:
+                raise QuietError(f"{path}: no such device; give a size (PATH:SIZE) to create a file", EXIT_DEVICE)
+            size = os.stat(path).st_size
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.ftruncate(fd, 0)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    os.close(fd)
+                    fd = -1
+                    os.unlink(path)
+                    raise QuietError(f"{path}: not enough space for {size} bytes", EXIT_DEVICE) from None
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                os.ftruncate(fd, size)  # filesystem without fallocate: sparse file
+        finally:
+            if fd >= 0:
+                os.close(fd)
+    else:
+        size = device_size(path)
+    if size < DATA_START + 16 * ALLOC_UNIT:
+        raise QuietError(f"{path}: device too small ({size} bytes; need at least 2 MiB)", EXIT_DEVICE)
+    size = size // ALLOC_UNIT * ALLOC_UNIT
+    fd = os.open(path, os.O_RDWR)
+    try:
+        header = _HEADER.pack(_MAGIC, uuidlib.UUID(wh_uuid).bytes, index, size)
+        os.pwrite(fd, header.ljust(ALLOC_UNIT, b"\0"), 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return size
+
+
+class Device:
+    """One open backing device."""
+
+    def __init__(self, index: int, path: str, size: int, wh_uuid: str, readonly: bool = False):
+        self.index = index
+        self.path = path
+        self.size = size
+        flags = os.O_RDONLY if readonly else os.O_RDWR
+        try:
+            self.fd = os.open(path, flags | os.O_CLOEXEC)
+        except OSError as exc:
+            raise QuietError(f"device {index} ({path}): {exc.strerror}", EXIT_DEVICE) from None
+        raw = os.pread(self.fd, _HEADER.size, 0)
+        if len(raw) < _HEADER.size:
+            self.close()
+            raise QuietError(f"device {index} ({path}): too short to hold a kvfs header", EXIT_DEVICE)
+        magic, dev_uuid, dev_index, dev_size = _HEADER.unpack(raw)
+        if magic != _MAGIC or uuidlib.UUID(bytes=dev_uuid) != uuidlib.UUID(wh_uuid) or dev_index != index:
+            self.close()
+            raise QuietError(
+                f"device {index} ({path}) does not belong to this warehouse (header mismatch)",
+                EXIT_DEVICE,
+            )
+        actual = device_size(path)
+        if actual < size:
+            self.close()
+            raise QuietError(
+                f"device {index} ({path}) is {actual} bytes, smaller than its recorded {size}",
+                EXIT_DEVICE,
+            )
+        self.reads = self.writes = self.read_bytes = self.write_bytes = 0
+        self.dirty = False
+
+    def pread(self, length: int, offset: int) -> bytes:
+        try:
+            data = os.pread(self.fd, length, offset)
+        except OSError as exc:
+            raise KvfsError(f"device {self.index} read at {offset}: {exc.strerror}", exc.errno) from None
+        self.reads += 1
+        self.read_bytes += len(data)
+        if len(data) != length:
+            raise Corrupt(f"device {self.index}: short read at {offset} ({len(data)} of {length})")
+        return data
+
+    def pwrite(self, data, offset: int) -> None:
+        if offset < DATA_START or offset + len(data) > self.size:
+            raise Corrupt(f"device {self.index}: write outside the data area at {offset}")
+        try:
+            n = os.pwrite(self.fd, data, offset)
+        except OSError as exc:
+            raise KvfsError(f"device {self.index} write at {offset}: {exc.strerror}", exc.errno) from None
+        if n != len(data):
+            raise KvfsError(f"device {self.index}: short write at {offset}", errno.EIO)
+        self.writes += 1
+        self.write_bytes += n
+        self.dirty = True
+
+    def sync(self) -> None:
+        if self.dirty:
+            self.dirty = False
+            os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class FreeMap:
+    """In-memory free extents of one device: best fit by size, coalescing by offset."""
+
+    def __init__(self):
+        self.by_off = SortedDict()
+        self.by_size = SortedList()
+        self.free_bytes = 0
+
+    def add(self, offset: int, length: int) -> None:
+        end = offset + length
+        i = self.by_off.bisect_left(offset)
+        if i < len(self.by_off):
+            noff = self.by_off.keys()[i]
+            if noff < end:
+                raise Corrupt(f"allocator: double free at {offset}")
+            if noff == end:
+                nlen = self.by_off.pop(noff)
+                self.by_size.remove((nlen, noff))
+                end += nlen
+        if i > 0:
+            poff = self.by_off.keys()[i - 1]
+            plen = self.by_off[poff]
+            if poff + plen > offset:
+                raise Corrupt(f"allocator: double free at {offset}")
+            if poff + plen == offset:
+                del self.by_off[poff]
+                self.by_size.remove((plen, poff))
+                offset = poff
+        self.by_off[offset] = end - offset
+        self.by_size.add((end - offset, offset))
+        self.free_bytes += length
+
+    def take(self, length: int) -> int | None:
+        """Allocate `length` bytes (a multiple of ALLOC_UNIT); None if no extent fits."""
+        i = self.by_size.bisect_left((length, -1))
+        if i == len(self.by_size):
+            return None
+        flen, foff = self.by_size.pop(i)
+        del self.by_off[foff]
+        if flen > length:
+            self.by_off[foff + length] = flen - length
+            self.by_size.add((flen - length, foff + length))
+        self.free_bytes -= length
+        return foff
+
+
+class DeviceSet:
+    """All devices of a warehouse with their allocators; thread-safe allocation."""
+
+    def __init__(self, devices: list[Device]):
+        self.devices = devices
+        self.free = [FreeMap() for _ in devices]
+        self._lock = threading.Lock()
+        # Freed extents wait here until no read that started before the free is running.
+        self._generation = 0
+        self._readers: dict[int, int] = {}
+        self._deferred: list[tuple[int, int, int, int]] = []  # (generation, dev, off, len)
+
+    @property
+    def capacity(self) -> int:
+        return sum(d.size - DATA_START for d in self.devices)
+
+    @property
+    def free_bytes(self) -> int:
+        return sum(f.free_bytes for f in self.free) + sum(d[3] for d in self._deferred)
+
+    def allocate(self, length: int, prefer: int) -> tuple[int, int] | None:
+        length = round_up(length)
+        n = len(self.devices)
+        with self._lock:
+            self._reclaim_locked()
+            for k in range(n):
+                dev = (prefer + k) % n
+                off = self.free[dev].take(length)
+                if off is not None:
+                    return dev, off
+        return None
+
+    def release(self, dev: int, offset: int, length: int) -> None:
+        """Give an extent back once current readers are done with it."""
+        with self._lock:
+            self._deferred.append((self._generation, dev, offset, round_up(length)))
+            self._generation += 1
+            self._reclaim_locked()
+
+    def read_begin(self) -> int:
+        with self._lock:
+            gen = self._generation
+            self._readers[gen] = self._readers.get(gen, 0) + 1
+            return gen
+
+    def read_end(self, gen: int) -> None:
+        with self._lock:
+            left = self._readers[gen] - 1
+            if left:
+                self._readers[gen] = left
+            else:
+                del self._readers[gen]
+            self._reclaim_locked()
+
+    def _reclaim_locked(self) -> None:
+        oldest = min(self._readers) if self._readers else None
+        keep = []
+        for item in self._deferred:
+            if oldest is None or item[0] < oldest:
+                self.free[item[1]].add(item[2], item[3])
+            else:
+                keep.append(item)
+        self._deferred = keep
+
+    def sync(self) -> None:
+        for d in self.devices:
+            d.sync()
+
+    def close(self) -> None:
+        for d in self.devices:
+            d.close()

@@ -1,0 +1,1213 @@
+"""The warehouse: files, blocks, dedup and recovery behind a synchronous, thread-safe API.
+
+Write path: a file's bytes are cut into fixed-size blocks. A block that is fully written is
+hashed (xxh3-128), and either found already stored (dedup: nothing is written) or written to
+a freshly allocated extent. Nothing becomes visible in metadata until the file is committed
+(flush, fsync or close): then one LMDB transaction adds the new block records, points the
+file's block map at them, adjusts reference counts and takes the new extents out of the
+persistent free map. A crash before the commit leaves the previous version of the file (or,
+for a file created and never closed, nothing: recovery removes it).
+
+Blocks that an uncommitted file refers to are "pinned" in memory, so a concurrent unlink
+that drops the last committed reference keeps the record (with refcount 0) until the commit
+takes it or the pin goes away; recovery frees whatever is left at refcount 0.
+
+Read path: every block read from a device is verified against its hash before a byte of it
+is returned; a mismatch raises Corrupt (EIO) and is remembered.
+"""
+
+import collections
+import errno
+import fcntl
+import functools
+import logging
+import os
+import shutil
+import stat
+import threading
+import time
+import uuid as uuidlib
+from dataclasses import dataclass
+
+from . import codec as codecs
+from . import meta as M
+from .errors import (
+    Corrupt,
+    Exists,
+    FileTooBig,
+    Invalid,
+    IsADirectory,
+    KvfsError,
+    NameTooLong,
+    NoAttr,
+    NoSpace,
+    NotADirectory,
+    NotEmpty,
+    NotFound,
+    QuietError,
+    ReadOnly,
+    EXIT_EXISTS,
+    EXIT_IN_USE,
+    EXIT_NEEDS_FSCK,
+    EXIT_NO_WAREHOUSE,
+)
+from .store import DATA_START, Device, DeviceSet, prepare_device, round_up
+
+log = logging.getLogger("kvfs.warehouse")
+
+NAME_MAX = 255
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
+MAX_FILE_SIZE = 1 << 50
+DEFAULT_BLOCK_SIZE = 1 << 20
+BLOCK_CACHE_BYTES = 64 << 20
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+META_DIR = "meta"
+LOCK_FILE = "lock"
+LOG_FILE = "kvfs.log"
+DEFAULT_DEVICE = "data0.img"
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+@functools.lru_cache(maxsize=64)
+def _zero_hash(n: int) -> bytes:
+    return codecs.block_hash(bytes(n))
+
+
+def check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise NameTooLong(f"name longer than {NAME_MAX} bytes")
+    if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+        raise Invalid(f"invalid name {name!r}")
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A block an open file refers to that is not committed yet."""
+
+    hash: bytes
+    dev: int
+    offset: int
+    stored_len: int
+    raw_len: int
+    codec: int
+    own: bool  # True: this file allocated and wrote the extent; False: dedup onto a record
+
+
+class OpenFile:
+    """Uncommitted state of a regular file that has open handles."""
+
+    def __init__(self, ino: int, size: int, codec: int):
+        self.ino = ino
+        self.size = size
+        self.codec = codec
+        self.handles = 0
+        self.writers = 0
+        self.dirty: dict[int, bytearray] = {}  # partially written blocks, in memory
+        self.changes: dict[int, Pending | None] = {}  # stored blocks; None: a hole
+        self.trunc_blocks: int | None = None  # committed blocks from here on are dropped
+        self.changed = False
+        self.mtime_ns = 0
+
+
+@dataclass
+class Handle:
+    ino: int
+    writable: bool
+    append: bool
+
+
+class Warehouse:
+    """An open warehouse. All public methods are thread-safe and raise KvfsError."""
+
+    # -- creation --------------------------------------------------------------------
+
+    @staticmethod
+    def mkfs(path: str, devices: list[tuple[str, int | None]] | None = None,
+               size: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
+               compression: str = "none", force: bool = False) -> dict:
+        """Make a new warehouse (kvfs mkfs). Returns its superblock."""
+        path = os.path.abspath(path)
+        if block_size < 4096 or block_size > (16 << 20) or block_size & (block_size - 1):
+            raise QuietError(f"block size {block_size} must be a power of two from 4 KiB to 16 MiB")
+        codecs.codec_by_name(compression)
+        meta_dir = os.path.join(path, META_DIR)
+        if os.path.exists(meta_dir):
+            if not force:
+                raise QuietError(f"{path} already holds a warehouse (use --force to replace it)", EXIT_EXISTS)
+            lock_fd = _lock(path)  # refuse to wipe a mounted warehouse
+            os.close(lock_fd)
+            shutil.rmtree(meta_dir)
+        os.makedirs(path, exist_ok=True)
+        wh_uuid = str(uuidlib.uuid4())
+        if not devices:
+            devices = [(DEFAULT_DEVICE, size if size is not None else default_size(path))]
+        devs = []
+        for index, (dpath, dsize) in enumerate(devices):
+            full = dpath if os.path.isabs(dpath) else os.path.join(path, dpath)
+            real_size = prepare_device(full, dsize, wh_uuid, index, force or dpath == DEFAULT_DEVICE)
+            devs.append({"path": dpath, "size": real_size})
+        sb = {
+            "format": M.FORMAT_REVISION,
+            "uuid": wh_uuid,
+            "block_size": block_size,
+            "devices": devs,
+            "compression": compression,
+            "created": time.time(),
+        }
+        meta = M.Meta(meta_dir)
+        try:
+            with meta.begin(write=True) as txn:
+                meta.put_json(txn, b"superblock", sb)
+                meta.put_json(txn, b"state", {"clean": True})
+                for index, d in enumerate(devs):
+                    txn.put(M.free_key(index, DATA_START), M.u64(d["size"] - DATA_START), db=meta.db["free"])
+                t = now_ns()
+                root = M.Inode(M.ROOT_INO, stat.S_IFDIR | 0o755, 2, os.getuid(), os.getgid(), 0, t, t, t)
+                meta.put_inode(txn, root)
+                txn.put(b"next_ino", M.u64(M.ROOT_INO + 1), db=meta.db["counters"])
+                txn.put(b"next_entry", M.u64(1), db=meta.db["counters"])
+            meta.sync()
+        finally:
+            meta.close()
+        return sb
+
+    # -- opening, recovery, closing ---------------------------------------------------
+
+    def __init__(self, path: str, readonly: bool = False, mountpoint: str | None = None,
+                 compression: str | None = None, durability: str = "fsync"):
+        self.path = os.path.abspath(path)
+        meta_dir = os.path.join(self.path, META_DIR)
+        if not os.path.isdir(meta_dir):
+            raise QuietError(f"{self.path} is not a kvfs warehouse (no {META_DIR}/; run kvfs mkfs)", EXIT_NO_WAREHOUSE)
+        self._lock_fd = _lock(self.path)
+        try:
+            self._open_meta(meta_dir, readonly)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        self.readonly = readonly
+        self.durability = durability
+        self._lock = threading.RLock()
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self._open: dict[int, OpenFile] = {}
+        self._kernel_refs: dict[int, int] = collections.Counter()
+        self._pins: dict[bytes, int] = collections.Counter()
+        self._cache: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
+        self._cache_bytes = 0
+        self._cache_lock = threading.Lock()
+        self.bad_blocks: set[bytes] = set()
+        self.counters = collections.Counter()
+        self.default_codec = codecs.codec_by_name(compression or self.sb.get("compression", "none"))
+        self.recovery: dict | None = None
+        try:
+            self._load_free_maps()
+            if not readonly:
+                with self.meta.begin(write=True) as txn:
+                    state = self.meta.get_json(txn, b"state") or {}
+                    if not state.get("clean", False):
+                        self.recovery = self._recover(txn)
+                    self.meta.put_json(txn, b"state", {
+                        "clean": False, "pid": os.getpid(), "mountpoint": mountpoint,
+                        "since": time.time(),
+                    })
+                self.meta.sync()
+                if self.recovery is not None:
+                    self._load_free_maps()
+            else:
+                with self.meta.begin() as txn:
+                    state = self.meta.get_json(txn, b"state") or {}
+                if not state.get("clean", False):
+                    raise QuietError(
+                        f"{self.path} was not cleanly unmounted; mount it read-write once "
+                        "(recovery runs) or run kvfs fsck before a read-only mount",
+                        EXIT_NEEDS_FSCK,
+                    )
+        except BaseException:
+            self.devices.close()
+            self.meta.close()
+            os.close(self._lock_fd)
+            raise
+
+    def _open_meta(self, meta_dir: str, readonly: bool) -> None:
+        import lmdb
+
+        try:
+            self.meta = M.Meta(meta_dir, readonly=readonly)
+            with self.meta.begin() as txn:
+                sb = self.meta.get_json(txn, b"superblock")
+        except (lmdb.Error, ValueError) as exc:
+            raise QuietError(f"{self.path}: metadata is damaged ({exc}); run kvfs fsck", EXIT_NEEDS_FSCK) from None
+        if sb is None:
+            self.meta.close()
+            raise QuietError(f"{self.path}: no superblock; not a kvfs warehouse or damaged (run kvfs fsck)", EXIT_NEEDS_FSCK)
+        if sb.get("format") != M.FORMAT_REVISION:
+            self.meta.close()
+            raise QuietError(
+                f"{self.path}: format revision {sb.get('format')} is not supported "
+                f"(this kvfs reads revision {M.FORMAT_REVISION})", EXIT_NO_WAREHOUSE)
+        self.sb = sb
+        self.block_size = sb["block_size"]
+        devs = []
+        try:
+            for index, d in enumerate(sb["devices"]):
+                p = d["path"] if os.path.isabs(d["path"]) else os.path.join(self.path, d["path"])
+                devs.append(Device(index, p, d["size"], sb["uuid"], readonly=readonly))
+        except BaseException:
+            for d in devs:
+                d.close()
+            self.meta.close()
+            raise
+        self.devices = DeviceSet(devs)
+
+    def _load_free_maps(self) -> None:
+        from .store import FreeMap
+
+        self.devices.free = [FreeMap() for _ in self.devices.devices]
+        with self.meta.begin() as txn:
+            for key, val in txn.cursor(db=self.meta.db["free"]):
+                dev, off = M.parse_free_key(key)
+                self.devices.free[dev].add(off, M.parse_u64(val))
+
+    def _recover(self, txn) -> dict:
+        """Bring metadata to a clean state after a crash (called in a write txn)."""
+        report = {"incomplete_files": 0, "orphans": 0, "unreferenced_blocks": 0}
+        effects: list = []
+        db = self.meta.db
+        for key, val in list(txn.cursor(db=db["incomplete"])):
+            ino = M.parse_u64(key)
+            parent = M.parse_u64(val[:8])
+            name = val[8:]
+            dv = txn.get(M.dentry_key(parent, name), db=db["dentries"])
+            if dv is not None and M.parse_dentry_val(dv)[0] == ino:
+                self._remove_entry(txn, parent, name)
+            txn.delete(key, db=db["incomplete"])
+            inode = self.meta.get_inode(txn, ino)
+            if inode is not None:
+                inode.nlink = max(0, inode.nlink - 1)
+                if inode.nlink == 0:
+                    self._purge_inode(txn, ino, effects, collections.Counter())
+                else:
+                    self.meta.put_inode(txn, inode)
+            report["incomplete_files"] += 1
+        for key, _ in list(txn.cursor(db=db["orphans"])):
+            self._purge_inode(txn, M.parse_u64(key), effects, collections.Counter())
+            report["orphans"] += 1
+        for key, val in list(txn.cursor(db=db["blocks"])):
+            rec = M.BlockRecord.unpack(val)
+            if rec.refcount == 0:
+                txn.delete(key, db=db["blocks"])
+                self.meta.free_add(txn, rec.dev, rec.offset, round_up(rec.stored_len))
+                report["unreferenced_blocks"] += 1
+        log.warning("recovered after unclean shutdown: %s", report)
+        return report
+
+    def close(self) -> None:
+        """Commit every open file, mark the warehouse clean and release it."""
+        with self._lock:
+            if self._lock_fd < 0:
+                return
+            try:
+                if not self.readonly:
+                    for of in list(self._open.values()):
+                        try:
+                            self._commit(of)
+                        except KvfsError as exc:
+                            log.error("commit of inode %d at close failed: %s", of.ino, exc)
+                    # Unlinked inodes still referenced by the kernel are dropped now.
+                    with self.meta.begin(write=True) as txn:
+                        effects: list = []
+                        for key, _ in list(txn.cursor(db=self.meta.db["orphans"])):
+                            self._purge_inode(txn, M.parse_u64(key), effects, collections.Counter())
+                        self.meta.put_json(txn, b"state", {"clean": True})
+                    self.devices.sync()
+                    self.meta.sync()
+            finally:
+                self.devices.close()
+                self.meta.close()
+                os.close(self._lock_fd)
+                self._lock_fd = -1
+
+    def checkpoint(self) -> None:
+        """Make everything committed so far durable: device data first, then metadata."""
+        with self._lock:
+            if self.readonly or self._lock_fd < 0:
+                return
+            self.devices.sync()
+            self.meta.sync()
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise ReadOnly("read-only mount")
+
+    def _get_inode(self, txn, ino: int) -> M.Inode:
+        inode = self.meta.get_inode(txn, ino)
+        if inode is None:
+            raise NotFound(f"inode {ino} does not exist")
+        return inode
+
+    def _live(self, inode: M.Inode) -> M.Inode:
+        of = self._open.get(inode.ino)
+        if of is not None and of.changed:
+            inode.size = of.size
+            inode.mtime_ns = inode.ctime_ns = of.mtime_ns
+        return inode
+
+    def _get_dir(self, txn, ino: int) -> M.Inode:
+        inode = self._get_inode(txn, ino)
+        if not stat.S_ISDIR(inode.mode):
+            raise NotADirectory(f"inode {ino} is not a directory")
+        if inode.nlink == 0:
+            raise NotFound("directory was removed")
+        return inode
+
+    def _find(self, txn, parent: int, name: bytes) -> tuple[int, int] | None:
+        raw = txn.get(M.dentry_key(parent, name), db=self.meta.db["dentries"])
+        return None if raw is None else M.parse_dentry_val(raw)
+
+    def _add_entry(self, txn, parent: int, name: bytes, ino: int) -> None:
+        entry_id = self.meta.next_counter(txn, b"next_entry", 1)
+        db = self.meta.db
+        if not txn.put(M.dentry_key(parent, name), M.dentry_val(ino, entry_id), db=db["dentries"], overwrite=False):
+            raise Exists(f"{name!r} exists")
+        txn.put(M.dirent_key(parent, entry_id), name, db=db["dirents"])
+
+    def _remove_entry(self, txn, parent: int, name: bytes) -> int:
+        db = self.meta.db
+        key = M.dentry_key(parent, name)
+        raw = txn.get(key, db=db["dentries"])
+        if raw is None:
+            raise NotFound(f"{name!r} not found")
+        ino, entry_id = M.parse_dentry_val(raw)
+        txn.delete(key, db=db["dentries"])
+        txn.delete(M.dirent_key(parent, entry_id), db=db["dirents"])
+        return ino
+
+    def _touch_dir(self, txn, parent: M.Inode, t: int, nlink_delta: int = 0) -> None:
+        parent.mtime_ns = parent.ctime_ns = t
+        parent.nlink += nlink_delta
+        self.meta.put_inode(txn, parent)
+
+    def _in_use(self, ino: int) -> bool:
+        return self._kernel_refs.get(ino, 0) > 0 or ino in self._open
+
+    def _drop_link(self, txn, inode: M.Inode, t: int, effects: list) -> None:
+        inode.nlink -= 1
+        if stat.S_ISDIR(inode.mode):
+            inode.nlink = 0
+        inode.ctime_ns = t
+        if inode.nlink > 0:
+            self.meta.put_inode(txn, inode)
+        elif self._in_use(inode.ino):
+            self.meta.put_inode(txn, inode)
+            txn.put(M.ino_key(inode.ino), b"", db=self.meta.db["orphans"])
+        else:
+            self._purge_inode(txn, inode.ino, effects, collections.Counter())
+
+    def _purge_inode(self, txn, ino: int, effects: list, unpinning) -> None:
+        db = self.meta.db
+        prefix = M.ino_key(ino)
+        for key, val in list(self.meta.iter_prefix(txn, "bmap", prefix)):
+            txn.delete(key, db=db["bmap"])
+            self._decref(txn, val, effects, unpinning)
+        for key, _ in list(self.meta.iter_prefix(txn, "xattrs", prefix)):
+            txn.delete(key, db=db["xattrs"])
+        for name in ("symlinks", "orphans", "incomplete", "inodes"):
+            txn.delete(prefix, db=db[name])
+
+    def _decref(self, txn, h: bytes, effects: list, unpinning) -> None:
+        rec = self.meta.get_block(txn, h)
+        if rec is None or rec.refcount == 0:
+            raise Corrupt(f"block {h.hex()} referenced but has no reference to drop")
+        rec.refcount -= 1
+        self._settle(txn, h, rec, effects, unpinning)
+
+    def _settle(self, txn, h: bytes, rec: M.BlockRecord, effects: list, unpinning) -> None:
+        """Store `rec`, or free it if nothing refers to it and no open file pins it."""
+        if rec.refcount == 0 and self._pins.get(h, 0) - unpinning.get(h, 0) <= 0:
+            txn.delete(h, db=self.meta.db["blocks"])
+            self.meta.free_add(txn, rec.dev, rec.offset, round_up(rec.stored_len))
+            effects.append((rec.dev, rec.offset, rec.stored_len))
+        else:
+            self.meta.put_block(txn, h, rec)
+
+    def _apply(self, effects: list) -> None:
+        for dev, off, length in effects:
+            self.devices.release(dev, off, length)
+
+    def _new_inode(self, txn, mode: int, uid: int, gid: int, parent: M.Inode, rdev: int = 0) -> M.Inode:
+        if parent.mode & stat.S_ISGID:
+            gid = parent.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        t = now_ns()
+        ino = self.meta.next_counter(txn, b"next_ino", M.ROOT_INO + 1)
+        nlink = 2 if stat.S_ISDIR(mode) else 1
+        flags = 0
+        codec = self._dir_codec(txn, parent)
+        if codec == codecs.CODEC_ZSTD:
+            flags |= M.F_COMPRESS
+        return M.Inode(ino, mode, nlink, uid, gid, 0, t, t, t, rdev, flags)
+
+    def _dir_codec(self, txn, parent: M.Inode) -> int:
+        raw = txn.get(M.xattr_key(parent.ino, b"user.kvfs.compress"), db=self.meta.db["xattrs"])
+        if raw is not None:
+            try:
+                return codecs.codec_by_name(raw.decode().strip())
+            except (Invalid, UnicodeDecodeError):
+                pass
+        return self.default_codec
+
+    # -- namespace --------------------------------------------------------------------
+
+    def lookup(self, parent: int, name: bytes) -> M.Inode:
+        if len(name) > NAME_MAX:
+            raise NameTooLong("name too long")
+        with self._lock, self.meta.begin() as txn:
+            self._get_dir(txn, parent)
+            found = self._find(txn, parent, name)
+            if found is None:
+                self.counters["lookup_miss"] += 1
+                raise NotFound(f"{name!r} not found")
+            self.counters["lookup_hit"] += 1
+            return self._live(self._get_inode(txn, found[0]))
+
+    def getattr(self, ino: int) -> M.Inode:
+        with self._lock, self.meta.begin() as txn:
+            return self._live(self._get_inode(txn, ino))
+
+    def ref(self, ino: int, n: int = 1) -> None:
+        """A client (the kernel) now holds `n` more references to `ino`."""
+        with self._lock:
+            self._kernel_refs[ino] += n
+
+    def forget(self, ino: int, n: int) -> None:
+        with self._lock:
+            left = self._kernel_refs.get(ino, 0) - n
+            if left > 0:
+                self._kernel_refs[ino] = left
+                return
+            self._kernel_refs.pop(ino, None)
+            self._maybe_purge(ino)
+
+    def _maybe_purge(self, ino: int) -> None:
+        if self.readonly or self._in_use(ino):
+            return
+        with self.meta.begin() as txn:
+            if txn.get(M.ino_key(ino), db=self.meta.db["orphans"]) is None:
+                return
+        effects: list = []
+        with self.meta.begin(write=True) as txn:
+            self._purge_inode(txn, ino, effects, collections.Counter())
+        self._apply(effects)
+
+    def _make(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
+              rdev: int = 0, target: bytes | None = None) -> M.Inode:
+        check_name(name)
+        self._check_writable()
+        with self._lock, self.meta.begin(write=True) as txn:
+            pdir = self._get_dir(txn, parent)
+            if self._find(txn, parent, name) is not None:
+                raise Exists(f"{name!r} exists")
+            inode = self._new_inode(txn, mode, uid, gid, pdir, rdev)
+            self._add_entry(txn, parent, name, inode.ino)
+            if target is not None:
+                inode.size = len(target)
+                txn.put(M.ino_key(inode.ino), target, db=self.meta.db["symlinks"])
+            if stat.S_ISREG(mode):
+                inode.flags |= M.F_INCOMPLETE
+                txn.put(M.ino_key(inode.ino), M.u64(parent) + name, db=self.meta.db["incomplete"])
+            self.meta.put_inode(txn, inode)
+            self._touch_dir(txn, pdir, inode.ctime_ns, 1 if stat.S_ISDIR(mode) else 0)
+            return inode
+
+    def mknod(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0) -> M.Inode:
+        if stat.S_IFMT(mode) not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+            raise Invalid("unsupported file type")
+        return self._make(parent, name, mode, uid, gid, rdev)
+
+    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> M.Inode:
+        return self._make(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> M.Inode:
+        if len(target) > 4095:
+            raise NameTooLong("symlink target too long")
+        return self._make(parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
+
+    def readlink(self, ino: int) -> bytes:
+        with self.meta.begin() as txn:
+            target = txn.get(M.ino_key(ino), db=self.meta.db["symlinks"])
+        if target is None:
+            raise Invalid("not a symbolic link")
+        return target
+
+    def link(self, ino: int, new_parent: int, new_name: bytes) -> M.Inode:
+        check_name(new_name)
+        self._check_writable()
+        with self._lock, self.meta.begin(write=True) as txn:
+            inode = self._get_inode(txn, ino)
+            if stat.S_ISDIR(inode.mode):
+                raise KvfsError("hard links to directories are not allowed", errno.EPERM)
+            if inode.nlink == 0:
+                raise NotFound("file was removed")
+            pdir = self._get_dir(txn, new_parent)
+            self._add_entry(txn, new_parent, new_name, ino)
+            t = now_ns()
+            inode.nlink += 1
+            inode.ctime_ns = t
+            # A second name makes the file part of the namespace for good.
+            if txn.delete(M.ino_key(ino), db=self.meta.db["incomplete"]):
+                inode.flags &= ~M.F_INCOMPLETE
+            self.meta.put_inode(txn, inode)
+            self._touch_dir(txn, pdir, t)
+            return self._live(inode)
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        self._check_writable()
+        effects: list = []
+        with self._lock:
+            with self.meta.begin(write=True) as txn:
+                pdir = self._get_dir(txn, parent)
+                found = self._find(txn, parent, name)
+                if found is None:
+                    raise NotFound(f"{name!r} not found")
+                inode = self._get_inode(txn, found[0])
+                if stat.S_ISDIR(inode.mode):
+                    raise IsADirectory(f"{name!r} is a directory")
+                self._remove_entry(txn, parent, name)
+                t = now_ns()
+                self._touch_dir(txn, pdir, t)
+                self._drop_link(txn, inode, t, effects)
+            self._apply(effects)
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        self._check_writable()
+        effects: list = []
+        with self._lock:
+            with self.meta.begin(write=True) as txn:
+                pdir = self._get_dir(txn, parent)
+                found = self._find(txn, parent, name)
+                if found is None:
+                    raise NotFound(f"{name!r} not found")
+                inode = self._get_inode(txn, found[0])
+                if not stat.S_ISDIR(inode.mode):
+                    raise NotADirectory(f"{name!r} is not a directory")
+                if self._dir_has_entries(txn, inode.ino):
+                    raise NotEmpty(f"{name!r} is not empty")
+                self._remove_entry(txn, parent, name)
+                t = now_ns()
+                self._touch_dir(txn, pdir, t, -1)
+                self._drop_link(txn, inode, t, effects)
+            self._apply(effects)
+
+    def _dir_has_entries(self, txn, ino: int) -> bool:
+        for _ in self.meta.iter_prefix(txn, "dentries", M.ino_key(ino)):
+            return True
+        return False
+
+    def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
+               flags: int = 0) -> None:
+        check_name(new_name)
+        self._check_writable()
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            raise Invalid("bad rename flags")
+        effects: list = []
+        db = self.meta.db
+        with self._lock:
+            with self.meta.begin(write=True) as txn:
+                opdir = self._get_dir(txn, old_parent)
+                npdir = opdir if new_parent == old_parent else self._get_dir(txn, new_parent)
+                src = self._find(txn, old_parent, old_name)
+                if src is None:
+                    raise NotFound(f"{old_name!r} not found")
+                dst = self._find(txn, new_parent, new_name)
+                src_inode = self._get_inode(txn, src[0])
+                src_dir = stat.S_ISDIR(src_inode.mode)
+                t = now_ns()
+                if flags & RENAME_EXCHANGE:
+                    if dst is None:
+                        raise NotFound(f"{new_name!r} not found")
+                    dst_inode = self._get_inode(txn, dst[0])
+                    txn.put(M.dentry_key(old_parent, old_name), M.dentry_val(dst[0], src[1]), db=db["dentries"])
+                    txn.put(M.dentry_key(new_parent, new_name), M.dentry_val(src[0], dst[1]), db=db["dentries"])
+                    if old_parent != new_parent:
+                        delta = int(src_dir) - int(stat.S_ISDIR(dst_inode.mode))
+                        opdir.nlink -= delta
+                        npdir.nlink += delta
+                    for node in (src_inode, dst_inode):
+                        node.ctime_ns = t
+                        self.meta.put_inode(txn, node)
+                    self._move_incomplete(txn, src[0], new_parent, new_name)
+                    self._move_incomplete(txn, dst[0], old_parent, old_name)
+                else:
+                    if dst is not None:
+                        if flags & RENAME_NOREPLACE:
+                            raise Exists(f"{new_name!r} exists")
+                        if dst[0] == src[0]:
+                            return  # two names of one inode: POSIX says do nothing
+                        dst_inode = self._get_inode(txn, dst[0])
+                        dst_dir = stat.S_ISDIR(dst_inode.mode)
+                        if src_dir and not dst_dir:
+                            raise NotADirectory(f"{new_name!r} is not a directory")
+                        if dst_dir and not src_dir:
+                            raise IsADirectory(f"{new_name!r} is a directory")
+                        if dst_dir and self._dir_has_entries(txn, dst[0]):
+                            raise NotEmpty(f"{new_name!r} is not empty")
+                        self._remove_entry(txn, new_parent, new_name)
+                        if dst_dir:
+                            npdir.nlink -= 1
+                        self._drop_link(txn, dst_inode, t, effects)
+                    self._remove_entry(txn, old_parent, old_name)
+                    self._add_entry(txn, new_parent, new_name, src[0])
+                    if src_dir and old_parent != new_parent:
+                        opdir.nlink -= 1
+                        npdir.nlink += 1
+                    src_inode.ctime_ns = t
+                    self.meta.put_inode(txn, src_inode)
+                    self._move_incomplete(txn, src[0], new_parent, new_name)
+                self._touch_dir(txn, opdir, t)
+                if npdir is not opdir:
+                    self._touch_dir(txn, npdir, t)
+            self._apply(effects)
+
+    def _move_incomplete(self, txn, ino: int, parent: int, name: bytes) -> None:
+        db = self.meta.db["incomplete"]
+        if txn.get(M.ino_key(ino), db=db) is not None:
+            txn.put(M.ino_key(ino), M.u64(parent) + name, db=db)
+
+    def readdir(self, ino: int, start_id: int, limit: int = 512) -> list[tuple[bytes, M.Inode, int]]:
+        """Entries after offset `start_id`: (name, inode, offset of the next entry)."""
+        out = []
+        with self._lock, self.meta.begin() as txn:
+            self._get_dir(txn, ino)
+            start = M.dirent_key(ino, start_id + 1)
+            for key, name in self.meta.iter_prefix(txn, "dirents", M.ino_key(ino), start):
+                _, entry_id = M.parse_dirent_key(key)
+                found = self._find(txn, ino, name)
+                if found is None:
+                    continue
+                out.append((name, self._live(self._get_inode(txn, found[0])), entry_id))
+                if len(out) >= limit:
+                    break
+        return out
+
+    def setattr(self, ino: int, mode: int | None = None, uid: int | None = None,
+                gid: int | None = None, size: int | None = None,
+                atime_ns: int | None = None, mtime_ns: int | None = None) -> M.Inode:
+        self._check_writable()
+        with self._lock:
+            t = now_ns()
+            if size is not None:
+                if size < 0 or size > MAX_FILE_SIZE:
+                    raise FileTooBig(f"size {size} out of range") if size > 0 else Invalid("negative size")
+                with self.meta.begin() as txn:
+                    inode = self._get_inode(txn, ino)
+                if stat.S_ISDIR(inode.mode):
+                    raise IsADirectory("cannot truncate a directory")
+                if not stat.S_ISREG(inode.mode):
+                    raise Invalid("cannot truncate this file type")
+                of = self._file(inode)
+                try:
+                    self._truncate(of, size)
+                    of.mtime_ns = t
+                    of.changed = True
+                    self._commit(of)
+                finally:
+                    self._maybe_close(of)
+            with self.meta.begin(write=True) as txn:
+                inode = self._get_inode(txn, ino)
+                if mode is not None:
+                    inode.mode = stat.S_IFMT(inode.mode) | (mode & 0o7777)
+                if uid is not None:
+                    inode.uid = uid
+                if gid is not None:
+                    inode.gid = gid
+                if atime_ns is not None:
+                    inode.atime_ns = atime_ns
+                if mtime_ns is not None:
+                    inode.mtime_ns = mtime_ns
+                    of = self._open.get(ino)
+                    if of is not None:
+                        of.mtime_ns = mtime_ns
+                inode.ctime_ns = t
+                self.meta.put_inode(txn, inode)
+                return self._live(inode)
+
+    # -- extended attributes ------------------------------------------------------------
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        with self.meta.begin() as txn:
+            self._get_inode(txn, ino)
+            val = txn.get(M.xattr_key(ino, name), db=self.meta.db["xattrs"])
+        if val is None:
+            raise NoAttr(f"no attribute {name!r}")
+        return val
+
+    def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        self._check_writable()
+        if not name or len(name) > XATTR_NAME_MAX:
+            raise KvfsError("attribute name out of range", errno.ERANGE)
+        if len(value) > XATTR_SIZE_MAX:
+            raise KvfsError("attribute value too large", errno.E2BIG)
+        if name == b"user.kvfs.compress":
+            codecs.codec_by_name(value.decode(errors="replace").strip())
+        with self._lock, self.meta.begin(write=True) as txn:
+            inode = self._get_inode(txn, ino)
+            txn.put(M.xattr_key(ino, name), value, db=self.meta.db["xattrs"])
+            inode.ctime_ns = now_ns()
+            self.meta.put_inode(txn, inode)
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        with self.meta.begin() as txn:
+            self._get_inode(txn, ino)
+            prefix = M.ino_key(ino)
+            return [k[8:] for k, _ in self.meta.iter_prefix(txn, "xattrs", prefix)]
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        self._check_writable()
+        with self._lock, self.meta.begin(write=True) as txn:
+            inode = self._get_inode(txn, ino)
+            if not txn.delete(M.xattr_key(ino, name), db=self.meta.db["xattrs"]):
+                raise NoAttr(f"no attribute {name!r}")
+            inode.ctime_ns = now_ns()
+            self.meta.put_inode(txn, inode)
+
+    # -- space --------------------------------------------------------------------------
+
+    def statfs(self) -> dict:
+        with self.meta.begin() as txn:
+            files = txn.stat(self.meta.db["inodes"])["entries"]
+            blocks = txn.stat(self.meta.db["blocks"])["entries"]
+        capacity = self.devices.capacity
+        free = self.devices.free_bytes
+        return {
+            "capacity": capacity,
+            "free": free,
+            "used": capacity - free,
+            "files": files,
+            "blocks": blocks,
+            "block_size": self.block_size,
+            "devices": [
+                {"path": d.path, "size": d.size - DATA_START, "free": f.free_bytes}
+                for d, f in zip(self.devices.devices, self.devices.free)
+            ],
+        }
+
+    # -- files --------------------------------------------------------------------------
+
+    def _file(self, inode: M.Inode) -> OpenFile:
+        of = self._open.get(inode.ino)
+        if of is None:
+            codec = codecs.CODEC_ZSTD if inode.flags & M.F_COMPRESS else codecs.CODEC_NONE
+            of = OpenFile(inode.ino, inode.size, codec)
+            of.mtime_ns = inode.mtime_ns
+            self._open[inode.ino] = of
+        return of
+
+    def _maybe_close(self, of: OpenFile) -> None:
+        if of.handles == 0 and not of.changed and not of.changes and not of.dirty:
+            self._open.pop(of.ino, None)
+            self._maybe_purge(of.ino)
+
+    def open(self, ino: int, write: bool = False, append: bool = False) -> int:
+        if write:
+            self._check_writable()
+        with self._lock, self.meta.begin() as txn:
+            inode = self._get_inode(txn, ino)
+            if stat.S_ISDIR(inode.mode):
+                raise IsADirectory("is a directory")
+            of = self._file(inode)
+            of.handles += 1
+            if write:
+                of.writers += 1
+            fh = self._next_fh
+            self._next_fh += 1
+            self._handles[fh] = Handle(ino, write, append)
+            return fh
+
+    def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> tuple[int, M.Inode]:
+        inode = self.mknod(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
+        return self.open(inode.ino, write=True), inode
+
+    def _handle(self, fh: int) -> Handle:
+        h = self._handles.get(fh)
+        if h is None:
+            raise KvfsError(f"bad file handle {fh}", errno.EBADF)
+        return h
+
+    def handle_ino(self, fh: int) -> int:
+        with self._lock:
+            return self._handle(fh).ino
+
+    def release(self, fh: int) -> None:
+        with self._lock:
+            h = self._handles.pop(fh, None)
+            if h is None:
+                return
+            of = self._open[h.ino]
+            of.handles -= 1
+            if h.writable:
+                of.writers -= 1
+            try:
+                if h.writable or of.changed:
+                    self._commit(of)
+                    if self.durability == "close":
+                        self.checkpoint()
+            finally:
+                self._maybe_close(of)
+
+    def flush(self, fh: int) -> None:
+        with self._lock:
+            h = self._handle(fh)
+            if h.writable:
+                self._commit(self._open[h.ino])
+
+    def fsync(self, fh: int, datasync: bool = False) -> None:
+        with self._lock:
+            h = self._handle(fh)
+            of = self._open[h.ino]
+            if h.writable or of.changed:
+                self._commit(of)
+            self.checkpoint()
+
+    # Resolving what a block index of a file holds, newest state first.
+    def _resolve(self, txn, of: OpenFile | None, ino: int, idx: int):
+        """Return ('buf', bytearray) | ('zero', None) | ('blk', (hash, dev, off, slen, rlen, codec))."""
+        if of is not None:
+            buf = of.dirty.get(idx)
+            if buf is not None:
+                return "buf", buf
+            if idx in of.changes:
+                p = of.changes[idx]
+                if p is None:
+                    return "zero", None
+                return "blk", (p.hash, p.dev, p.offset, p.stored_len, p.raw_len, p.codec)
+            if of.trunc_blocks is not None and idx >= of.trunc_blocks:
+                return "zero", None
+        h = txn.get(M.bmap_key(ino, idx), db=self.meta.db["bmap"])
+        if h is None:
+            return "zero", None
+        rec = self.meta.get_block(txn, h)
+        if rec is None:
+            raise Corrupt(f"inode {ino} block {idx}: block {h.hex()} has no record")
+        return "blk", (h, rec.dev, rec.offset, rec.stored_len, rec.raw_len, rec.codec)
+
+    def _fetch(self, loc) -> bytes:
+        h, dev, off, slen, rlen, codec = loc
+        with self._cache_lock:
+            data = self._cache.get(h)
+            if data is not None:
+                self._cache.move_to_end(h)
+                self.counters["cache_hits"] += 1
+                return data
+        if h in self.bad_blocks:
+            raise Corrupt(f"block {h.hex()} is quarantined (failed verification earlier)")
+        stored = self.devices.devices[dev].pread(slen, off)
+        try:
+            data = codecs.decode(stored, codec, rlen, h)
+        except Corrupt:
+            self.bad_blocks.add(h)
+            self.counters["corrupt_blocks"] += 1
+            log.error("block %s on device %d at %d failed verification: returning EIO", h.hex(), dev, off)
+            raise
+        self.counters["device_reads"] += 1
+        with self._cache_lock:
+            if h not in self._cache:
+                self._cache[h] = data
+                self._cache_bytes += len(data)
+                while self._cache_bytes > BLOCK_CACHE_BYTES:
+                    _, old = self._cache.popitem(last=False)
+                    self._cache_bytes -= len(old)
+        return data
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        if offset < 0 or size < 0:
+            raise Invalid("negative offset or size")
+        bs = self.block_size
+        with self._lock:
+            h = self._handle(fh)
+            of = self._open.get(h.ino)
+            fsize = of.size
+            end = min(offset + size, fsize)
+            if offset >= end:
+                return b""
+            parts = []
+            with self.meta.begin() as txn:
+                for idx in range(offset // bs, (end - 1) // bs + 1):
+                    base = idx * bs
+                    lo, hi = max(offset, base) - base, min(end, base + bs) - base
+                    kind, what = self._resolve(txn, of, h.ino, idx)
+                    if kind == "buf":
+                        parts.append(("data", bytes(what[lo:hi]), 0, hi - lo))
+                    else:
+                        parts.append((kind, what, lo, hi))
+            gen = self.devices.read_begin()
+        try:
+            if len(parts) == 1 and parts[0][0] == "blk":
+                _, loc, lo, hi = parts[0]
+                data = self._fetch(loc)
+                if hi <= len(data):
+                    return data[lo:hi] if (lo, hi) != (0, len(data)) else data
+            out = bytearray()
+            for kind, what, lo, hi in parts:
+                if kind == "data":
+                    out += what
+                elif kind == "zero":
+                    out += bytes(hi - lo)
+                else:
+                    data = self._fetch(what)
+                    chunk = data[lo:hi]
+                    out += chunk
+                    if len(chunk) < hi - lo:
+                        out += bytes(hi - lo - len(chunk))
+            return bytes(out)
+        finally:
+            self.devices.read_end(gen)
+
+    def _load_block(self, of: OpenFile, idx: int) -> bytearray:
+        with self.meta.begin() as txn:
+            kind, what = self._resolve(txn, of, of.ino, idx)
+        buf = bytearray(self.block_size)
+        if kind == "buf":
+            buf[:] = what
+        elif kind == "blk":
+            gen = self.devices.read_begin()
+            try:
+                data = self._fetch(what)
+            finally:
+                self.devices.read_end(gen)
+            buf[: len(data)] = data
+        return buf
+
+    def write(self, fh: int, offset: int, data) -> int:
+        if offset < 0:
+            raise Invalid("negative offset")
+        n = len(data)
+        if n == 0:
+            return 0
+        bs = self.block_size
+        with self._lock:
+            h = self._handle(fh)
+            if not h.writable:
+                raise KvfsError("file not open for writing", errno.EBADF)
+            of = self._open[h.ino]
+            if h.append:
+                offset = of.size
+            end = offset + n
+            if end > MAX_FILE_SIZE:
+                raise FileTooBig("write past the maximum file size")
+            view = memoryview(data)
+            if end > of.size:
+                of.size = end
+            of.changed = True
+            of.mtime_ns = now_ns()
+            pos = 0
+            while pos < n:
+                idx, boff = divmod(offset + pos, bs)
+                take = min(bs - boff, n - pos)
+                if take == bs:
+                    of.dirty.pop(idx, None)
+                    self._store(of, idx, view[pos:pos + take])
+                else:
+                    buf = of.dirty.get(idx)
+                    if buf is None:
+                        buf = self._load_block(of, idx)
+                        of.dirty[idx] = buf
+                    buf[boff:boff + take] = view[pos:pos + take]
+                    if boff + take == bs:
+                        self._store(of, idx, of.dirty.pop(idx))
+                pos += take
+            return n
+
+    def _store(self, of: OpenFile, idx: int, data) -> None:
+        """Make block `idx` of `of` hold `data` (up to the file size) as a pending block."""
+        raw_len = min(self.block_size, of.size - idx * self.block_size)
+        view = memoryview(data)[:max(raw_len, 0)]
+        old = of.changes.get(idx, False)
+        if raw_len <= 0:
+            return
+        h = codecs.block_hash(view)
+        if h == _zero_hash(len(view)):
+            of.changes[idx] = None
+            if old:
+                self._drop_pending(old)
+            return
+        if old and old.hash == h:
+            return
+        with self.meta.begin() as txn:
+            rec = self.meta.get_block(txn, h)
+        if rec is not None:
+            p = Pending(h, rec.dev, rec.offset, rec.stored_len, rec.raw_len, rec.codec, False)
+            self.counters["dedup_blocks"] += 1
+        else:
+            stored, used = codecs.encode(view, of.codec)
+            n = len(self.devices.devices)
+            loc = self.devices.allocate(len(stored), (of.ino + idx) % n)
+            if loc is None:
+                raise NoSpace("warehouse is full")
+            dev, off = loc
+            try:
+                self.devices.devices[dev].pwrite(stored, off)
+            except BaseException:
+                self.devices.release(dev, off, len(stored))
+                raise
+            p = Pending(h, dev, off, len(stored), raw_len, used, True)
+            self.counters["stored_blocks"] += 1
+        self._pins[h] += 1
+        of.changes[idx] = p
+        if old:
+            self._drop_pending(old)
+
+    def _drop_pending(self, p: Pending) -> None:
+        """Forget an uncommitted block: unpin it and give back an extent we wrote."""
+        left = self._pins[p.hash] - 1
+        if left:
+            self._pins[p.hash] = left
+        else:
+            del self._pins[p.hash]
+            effects: list = []
+            with self.meta.begin(write=True) as txn:
+                rec = self.meta.get_block(txn, p.hash)
+                if rec is not None and rec.refcount == 0:
+                    self._settle(txn, p.hash, rec, effects, collections.Counter())
+            self._apply(effects)
+        if p.own:
+            self.devices.release(p.dev, p.offset, p.stored_len)
+
+    def _truncate(self, of: OpenFile, size: int) -> None:
+        bs = self.block_size
+        if size < of.size:
+            keep = (size + bs - 1) // bs
+            for idx in [i for i in of.dirty if i >= keep]:
+                del of.dirty[idx]
+            for idx in [i for i in of.changes if i >= keep]:
+                p = of.changes.pop(idx)
+                if p is not None:
+                    self._drop_pending(p)
+            if of.trunc_blocks is None or keep < of.trunc_blocks:
+                of.trunc_blocks = keep
+            tail = size % bs
+            if tail:
+                buf = of.dirty.get(keep - 1)
+                if buf is None:
+                    buf = self._load_block(of, keep - 1)
+                    of.dirty[keep - 1] = buf
+                buf[tail:] = bytes(bs - tail)
+        of.size = size
+
+    def _commit(self, of: OpenFile) -> None:
+        """Publish an open file's pending state in one metadata transaction."""
+        if self.readonly:
+            return
+        for idx in sorted(of.dirty):
+            self._store(of, idx, of.dirty.pop(idx))
+        if not of.changed and not of.changes:
+            return
+        effects: list = []
+        unpinning = collections.Counter(p.hash for p in of.changes.values() if p is not None)
+        db = self.meta.db
+        with self.meta.begin(write=True) as txn:
+            inode = self.meta.get_inode(txn, of.ino)
+            if inode is None:
+                self._discard(of)
+                return
+            if of.trunc_blocks is not None:
+                start = M.bmap_key(of.ino, of.trunc_blocks)
+                for key, h in list(self.meta.iter_prefix(txn, "bmap", M.ino_key(of.ino), start)):
+                    idx = M.parse_bmap_key(key)[1]
+                    if idx not in of.changes:
+                        txn.delete(key, db=db["bmap"])
+                        self._decref(txn, h, effects, unpinning)
+            for idx, p in of.changes.items():
+                key = M.bmap_key(of.ino, idx)
+                old = txn.get(key, db=db["bmap"])
+                if p is None:
+                    if old is not None:
+                        txn.delete(key, db=db["bmap"])
+                        self._decref(txn, old, effects, unpinning)
+                    continue
+                if old == p.hash:
+                    if p.own:
+                        effects.append((p.dev, p.offset, p.stored_len))
+                    continue
+                rec = self.meta.get_block(txn, p.hash)
+                if rec is not None:
+                    rec.refcount += 1
+                    self.meta.put_block(txn, p.hash, rec)
+                    if p.own and (rec.dev, rec.offset) != (p.dev, p.offset):
+                        effects.append((p.dev, p.offset, p.stored_len))
+                elif p.own:
+                    self.meta.put_block(txn, p.hash, M.BlockRecord(
+                        p.dev, p.offset, p.stored_len, p.raw_len, p.codec, 1))
+                    self.meta.free_remove(txn, p.dev, p.offset, round_up(p.stored_len))
+                else:
+                    raise Corrupt(f"pinned block {p.hash.hex()} vanished before commit")
+                txn.put(key, p.hash, db=db["bmap"])
+                if old is not None:
+                    self._decref(txn, old, effects, unpinning)
+            inode.size = of.size
+            inode.mtime_ns = inode.ctime_ns = of.mtime_ns or now_ns()
+            if inode.flags & M.F_INCOMPLETE:
+                inode.flags &= ~M.F_INCOMPLETE
+                txn.delete(M.ino_key(of.ino), db=db["incomplete"])
+            self.meta.put_inode(txn, inode)
+        for h, n in unpinning.items():
+            left = self._pins[h] - n
+            if left > 0:
+                self._pins[h] = left
+            else:
+                del self._pins[h]
+        of.changes.clear()
+        of.trunc_blocks = None
+        of.changed = False
+        self._apply(effects)
+        self.counters["commits"] += 1
+
+    def _discard(self, of: OpenFile) -> None:
+        for p in of.changes.values():
+            if p is not None:
+                self._drop_pending(p)
+        of.changes.clear()
+        of.dirty.clear()
+        of.changed = False
+
+
+def _lock(path: str) -> int:
+    """Take the warehouse's exclusive lock; one process (a mount, fsck) at a time."""
+    fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        finally:
+            os.close(fd)
+        raise QuietError(f"{path} is in use ({holder or 'locked by another process'})", EXIT_IN_USE) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def default_size(path: str) -> int:
+    """Size of the default file-backed device: 4 GiB, at most half the free space."""
+    st = os.statvfs(path)
+    half_free = st.f_bavail * st.f_frsize // 2
+    return max(64 << 20, min(4 << 30, half_free)) // (1 << 20) * (1 << 20)
+
+
+def read_superblock(path: str) -> dict:
+    """Superblock of a warehouse without locking it (for status tools)."""
+    meta = M.Meta(os.path.join(path, META_DIR), readonly=True)
+    try:
+        with meta.begin() as txn:
+            return {"superblock": meta.get_json(txn, b"superblock"), "state": meta.get_json(txn, b"state")}
+    finally:
+        meta.close()
+
