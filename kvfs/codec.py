@@ -41,19 +41,22 @@ def codec_name(codec: int) -> str:
 
 
 def encode(data, codec: int) -> tuple[bytes, int]:
-    """Return (stored bytes, codec actually used). Incompressible data is stored raw."""
+    """Return (stored bytes, codec actually used). Incompressible data is stored raw.
+
+    Raw blocks are stored without their trailing zeros (a partly written block of a sparse
+    or padded file takes the space of its data); decode() pads them back."""
     if codec == CODEC_ZSTD:
         packed = _compressor.compress(data)
         # Keep compression only where it saves at least one 4 KiB allocation unit.
         if len(packed) + 4096 <= len(data):
             return packed, CODEC_ZSTD
-    return bytes(data), CODEC_NONE
+    return bytes(data).rstrip(b"\0"), CODEC_NONE
 
 
 def decode(stored: bytes, codec: int, raw_len: int, expect_hash: bytes) -> bytes:
     """Decode a stored block and verify it against its content hash (raise Corrupt)."""
     if codec == CODEC_NONE:
-        data = stored
+        data = stored if len(stored) >= raw_len else stored + bytes(raw_len - len(stored))
     elif codec == CODEC_ZSTD:
         try:
             data = zstandard.ZstdDecompressor().decompress(stored, max_output_size=raw_len)

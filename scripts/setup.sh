@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Idempotent, non-interactive set-up: Debian packages (fuse3, libfuse3-dev, pkg-config, fio),
+# a virtualenv in .venv, and kvfs with its test dependencies. Safe to run again and again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
+dpkg -s libfuse3-dev >/dev/null 2>&1 || need+=(libfuse3-dev)
+command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+command -v fio >/dev/null 2>&1 || need+=(fio)
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "setup: missing Debian packages: ${need[*]} (run as root, or install them)" >&2
+        exit 1
+    fi
+    echo "setup: installing ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq </dev/null
+    apt-get install -y -qq --no-install-recommends "${need[@]}" </dev/null >/dev/null
+fi
+if [ ! -e /dev/fuse ]; then
+    echo "setup: /dev/fuse is missing: this machine cannot mount FUSE filesystems" >&2
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv"
+    "$PY" -m venv .venv
+fi
+stamp=.venv/.kvfs-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! .venv/bin/python -c "import kvfs, pyfuse3" 2>/dev/null; then
+    echo "setup: installing kvfs and its dependencies into .venv"
+    .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip </dev/null
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" </dev/null
+    echo "$want" > "$stamp"
+fi
