@@ -12,7 +12,7 @@ import re
 import sys
 
 from . import __version__
-from .errors import QuietError, EXIT_INTERNAL, EXIT_OK, EXIT_USAGE
+from .errors import QuietError, EXIT_INTERNAL, EXIT_MOUNT_FAILED, EXIT_OK, EXIT_USAGE
 
 SUBCOMMANDS = ("mkfs", "mount", "umount", "fsck")
 
@@ -73,6 +73,8 @@ def cmd_mount(args) -> int:
         kvfs_opts["compress"] = args.compress
     if args.durability:
         kvfs_opts["durability"] = args.durability
+    if kvfs_opts.get("compress", "none") not in ("none", "zstd"):
+        raise QuietError(f"compress must be 'none' or 'zstd', not {kvfs_opts['compress']!r}", EXIT_USAGE)
     if kvfs_opts.get("durability", "fsync") not in ("fsync", "close"):
         raise QuietError(f"durability must be 'fsync' or 'close', not {kvfs_opts['durability']!r}", EXIT_USAGE)
     if not os.path.isdir(os.path.join(warehouse, "meta")):

@@ -106,7 +106,6 @@ def serve(warehouse: str, mountpoint: str, fuse_opts: set[str], kvfs_opts: dict[
         msg = f"cannot mount on {mountpoint}: {exc}"
         tell(f"error {EXIT_MOUNT_FAILED} {msg}")
         raise QuietError(msg, EXIT_MOUNT_FAILED) from None
-    raise_read_ahead(mountpoint)
     if wh.recovery is not None:
         log.warning("warehouse was not cleanly unmounted; recovery ran: %s", wh.recovery)
     log.info("serving %s on %s (pid %d, options %s)", wh.path, mountpoint, os.getpid(), sorted(options))
@@ -123,9 +122,16 @@ def serve(warehouse: str, mountpoint: str, fuse_opts: set[str], kvfs_opts: dict[
                 pyfuse3.terminate()
                 return
 
+    async def after_init():
+        # FUSE's INIT reply lowers the bdi read-ahead to what the daemon negotiated, so it
+        # is raised once INIT is done: the first stat() is answered only after it.
+        await trio.to_thread.run_sync(os.stat, mountpoint)
+        raise_read_ahead(mountpoint)
+
     async def main():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(checkpoints)
+            nursery.start_soon(after_init)
             nursery.start_soon(signals, nursery.cancel_scope)
             recovered = ""
             if wh.recovery is not None:
@@ -261,9 +267,35 @@ def unmount(mountpoint: str, lazy: bool = False, timeout: float = 120.0) -> str:
     info = find_mount(mountpoint)
     if info is None:
         raise QuietError(f"{mountpoint} is not a kvfs mount point", EXIT_NOT_MOUNTED)
+    pid = daemon_pid(info["source"])
     fusermount_unmount(info["mountpoint"], lazy)
-    if not wait_unlocked(info["source"], timeout):
+    deadline = time.monotonic() + timeout
+    done = wait_unlocked(info["source"], timeout)
+    while done and pid is not None and _alive(pid):
+        if time.monotonic() > deadline:
+            done = False
+            break
+        time.sleep(0.02)
+    if not done:
         raise QuietError(
             f"unmounted {mountpoint}, but the daemon has not finished closing {info['source']} "
             f"after {timeout:.0f}s", EXIT_MOUNT_FAILED)
     return info["source"]
+
+
+def daemon_pid(warehouse: str) -> int | None:
+    """Pid of the process holding the warehouse lock, as it wrote it there."""
+    try:
+        with open(os.path.join(warehouse, "lock")) as f:
+            word, _, pid = f.read().strip().partition(" ")
+        return int(pid) if word == "pid" else None
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False

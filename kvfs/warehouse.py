@@ -50,6 +50,7 @@ from .errors import (
     EXIT_IN_USE,
     EXIT_NEEDS_FSCK,
     EXIT_NO_WAREHOUSE,
+    EXIT_USAGE,
 )
 from .store import DATA_START, Device, DeviceSet, prepare_device, round_up
 
@@ -133,8 +134,9 @@ class Warehouse:
         """Make a new warehouse (kvfs mkfs). Returns its superblock."""
         path = os.path.abspath(path)
         if block_size < 4096 or block_size > (16 << 20) or block_size & (block_size - 1):
-            raise QuietError(f"block size {block_size} must be a power of two from 4 KiB to 16 MiB")
-        codecs.codec_by_name(compression)
+            raise QuietError(f"block size {block_size} must be a power of two from 4 KiB to 16 MiB", EXIT_USAGE)
+        if compression not in codecs.CODEC_NAMES:
+            raise QuietError(f"unknown codec {compression!r}", EXIT_USAGE)
         meta_dir = os.path.join(path, META_DIR)
         if os.path.exists(meta_dir):
             if not force:

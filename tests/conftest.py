@@ -84,9 +84,9 @@ class Mount:
     def cleanup(self):
         if os.path.ismount(self.path) or _in_mounts(self.path):
             subprocess.run(["fusermount3", "-u", "-z", self.path], capture_output=True)
-        pid = daemon_pid(self.warehouse)
+        pid = self.pid
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            if pid and pid_alive(pid):
+            if pid and pid != os.getpid() and pid_alive(pid):
                 os.kill(pid, sig)
                 deadline = time.monotonic() + 5
                 while pid_alive(pid) and time.monotonic() < deadline:
