@@ -81,14 +81,19 @@ def cmd_mount(args) -> int:
         from .errors import EXIT_NO_WAREHOUSE
 
         raise QuietError(f"{warehouse} is not a kvfs warehouse (run kvfs mkfs first)", EXIT_NO_WAREHOUSE)
-    if m.is_dead_mount(mountpoint):
-        # A daemon that was killed leaves "Transport endpoint is not connected" behind.
+    existing = m.find_mount(mountpoint, resolve=False)
+    if existing is not None and m.wait_unlocked(existing["source"], 0):
+        # A daemon that was killed leaves its mount behind ("Transport endpoint is not
+        # connected"); nobody holds its warehouse lock any more.
         print(f"kvfs: {mountpoint}: stale mount of a dead daemon; detaching it", file=sys.stderr)
+        m.fusermount_unmount(mountpoint, lazy=True)
+    elif existing is not None:
+        raise QuietError(f"{mountpoint} is already a kvfs mount point (of {existing['source']})", EXIT_MOUNT_FAILED)
+    elif m.is_dead_mount(mountpoint):
+        print(f"kvfs: {mountpoint}: stale FUSE mount; detaching it", file=sys.stderr)
         m.fusermount_unmount(mountpoint, lazy=True)
     if not os.path.isdir(mountpoint):
         raise QuietError(f"mount point {mountpoint} does not exist or is not a directory", EXIT_MOUNT_FAILED)
-    if m.find_mount(mountpoint) is not None:
-        raise QuietError(f"{mountpoint} is already a kvfs mount point", EXIT_MOUNT_FAILED)
     if args.foreground:
         m.setup_logging(warehouse, args.debug, to_stderr=not args.quiet)
         return m.serve(warehouse, mountpoint, fuse_opts, kvfs_opts, ready_fd=args.ready_fd)

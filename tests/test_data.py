@@ -145,8 +145,8 @@ def test_corrupt_block_is_eio_never_wrong_bytes(mnt):
     assert "does not match its hash" in res.stdout
 
 
-@pytest.mark.skipif(shutil.which("fio") is None, reason="fio is installed by scripts/setup.sh")
 def test_fio_verify_through_the_mount(mnt, tmp_path):
+    assert shutil.which("fio"), "fio is missing: scripts/setup.sh installs it"
     cmd = [
         "fio", "--name=verifyjob", f"--directory={mnt.path}", "--size=48M", "--bs=128k",
         "--rw=randwrite", "--verify=crc32c", "--do_verify=1", "--ioengine=psync",
