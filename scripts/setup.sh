@@ -32,7 +32,12 @@ stamp=.venv/.kvfs-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! .venv/bin/python -c "import kvfs, pyfuse3" 2>/dev/null; then
     echo "setup: installing kvfs and its dependencies into .venv"
-    .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip </dev/null
-    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]" </dev/null
+    if ! { .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip &&
+           .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"; } \
+           </dev/null >.venv/pip.log 2>&1; then
+        tail -n 30 .venv/pip.log >&2
+        echo "setup: pip install failed (full log: .venv/pip.log)" >&2
+        exit 1
+    fi
     echo "$want" > "$stamp"
 fi
