@@ -201,9 +201,7 @@ class Fsck:
 
 
 def run_fsck(args) -> int:
-    wh = Warehouse(args.warehouse, readonly=False) if args.repair else None
-    if wh is None:
-        wh = _open_for_check(args.warehouse)
+    wh = Warehouse(args.warehouse, check_only=not args.repair)
     tty = sys.stderr.isatty() and not args.json
 
     def progress(msg):
@@ -216,12 +214,7 @@ def run_fsck(args) -> int:
             f = Fsck(wh, txn, repair=args.repair, progress=progress)
             f.run(verify_data=args.verify_data)
     finally:
-        if args.repair:
-            wh.close()
-        else:
-            wh.devices.close()
-            wh.meta.close()
-            os.close(wh._lock_fd)
+        wh.close()
     unrepaired = len(f.problems) - f.repaired
     report = {
         "warehouse": os.path.abspath(args.warehouse),
@@ -240,23 +233,3 @@ def run_fsck(args) -> int:
         print(f"kvfs fsck: {s['inodes']} inodes, {s['entries']} entries, {s['blocks']} blocks: "
               + ("clean" if not f.problems else f"{len(f.problems)} problems, {f.repaired} repaired"))
     return EXIT_OK if unrepaired == 0 else EXIT_FSCK_ERRORS
-
-
-def _open_for_check(path: str) -> Warehouse:
-    """Open a warehouse for checking only: lock it, but change nothing (no recovery)."""
-    wh = Warehouse.__new__(Warehouse)
-    from .warehouse import _lock, META_DIR
-    from .errors import QuietError, EXIT_NO_WAREHOUSE
-
-    wh.path = os.path.abspath(path)
-    meta_dir = os.path.join(wh.path, META_DIR)
-    if not os.path.isdir(meta_dir):
-        raise QuietError(f"{wh.path} is not a kvfs warehouse", EXIT_NO_WAREHOUSE)
-    wh._lock_fd = _lock(wh.path)
-    try:
-        wh._open_meta(meta_dir, readonly=True)
-    except BaseException:
-        os.close(wh._lock_fd)
-        raise
-    wh.recovery = None
-    return wh

@@ -181,7 +181,11 @@ class Warehouse:
     # -- opening, recovery, closing ---------------------------------------------------
 
     def __init__(self, path: str, readonly: bool = False, mountpoint: str | None = None,
-                 compression: str | None = None, durability: str = "fsync"):
+                 compression: str | None = None, durability: str = "fsync",
+                 check_only: bool = False):
+        """Open (and lock) a warehouse. A read-write open runs recovery if the warehouse was
+        not closed cleanly; check_only opens it read-only as it is (for fsck)."""
+        readonly = readonly or check_only
         self.path = os.path.abspath(path)
         meta_dir = os.path.join(self.path, META_DIR)
         if not os.path.isdir(meta_dir):
@@ -221,7 +225,7 @@ class Warehouse:
                 self.meta.sync()
                 if self.recovery is not None:
                     self._load_free_maps()
-            else:
+            elif not check_only:
                 with self.meta.begin() as txn:
                     state = self.meta.get_json(txn, b"state") or {}
                 if not state.get("clean", False):
@@ -572,24 +576,12 @@ class Warehouse:
             return self._live(inode)
 
     def unlink(self, parent: int, name: bytes) -> None:
-        self._check_writable()
-        effects: list = []
-        with self._lock:
-            with self.meta.begin(write=True) as txn:
-                pdir = self._get_dir(txn, parent)
-                found = self._find(txn, parent, name)
-                if found is None:
-                    raise NotFound(f"{name!r} not found")
-                inode = self._get_inode(txn, found[0])
-                if stat.S_ISDIR(inode.mode):
-                    raise IsADirectory(f"{name!r} is a directory")
-                self._remove_entry(txn, parent, name)
-                t = now_ns()
-                self._touch_dir(txn, pdir, t)
-                self._drop_link(txn, inode, t, effects)
-            self._apply(effects)
+        self._remove(parent, name, directory=False)
 
     def rmdir(self, parent: int, name: bytes) -> None:
+        self._remove(parent, name, directory=True)
+
+    def _remove(self, parent: int, name: bytes, directory: bool) -> None:
         self._check_writable()
         effects: list = []
         with self._lock:
@@ -599,13 +591,16 @@ class Warehouse:
                 if found is None:
                     raise NotFound(f"{name!r} not found")
                 inode = self._get_inode(txn, found[0])
-                if not stat.S_ISDIR(inode.mode):
+                is_dir = stat.S_ISDIR(inode.mode)
+                if is_dir and not directory:
+                    raise IsADirectory(f"{name!r} is a directory")
+                if directory and not is_dir:
                     raise NotADirectory(f"{name!r} is not a directory")
-                if self._dir_has_entries(txn, inode.ino):
+                if is_dir and self._dir_has_entries(txn, inode.ino):
                     raise NotEmpty(f"{name!r} is not empty")
                 self._remove_entry(txn, parent, name)
                 t = now_ns()
-                self._touch_dir(txn, pdir, t, -1)
+                self._touch_dir(txn, pdir, t, -1 if is_dir else 0)
                 self._drop_link(txn, inode, t, effects)
             self._apply(effects)
 
@@ -859,7 +854,14 @@ class Warehouse:
                 of.writers -= 1
             try:
                 if h.writable or of.changed:
-                    self._commit(of)
+                    try:
+                        self._commit(of)
+                    except KvfsError:
+                        if of.handles == 0:
+                            # Nobody can retry: drop what could not be published (the
+                            # error already reached the client at flush) and its pins.
+                            self._discard(of)
+                        raise
                     if self.durability == "close":
                         self.checkpoint()
             finally:

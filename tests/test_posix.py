@@ -273,3 +273,19 @@ def test_persists_across_remount_and_fsck_clean(mnt):
     mnt.mount()
     assert open(p("link"), "rb").read() == b"x" * 3_000_001
     assert os.getxattr(p("a"), "user.tag") == b"v"
+
+
+def test_directory_compression_and_read_ahead(mnt):
+    os.mkdir(mnt.p("z"))
+    os.setxattr(mnt.p("z"), "user.kvfs.compress", b"zstd")
+    expect_errno(errno.EINVAL, os.setxattr, mnt.p("z"), "user.kvfs.compress", b"lz77")
+    data = bytes(range(256)) * (16 << 12)  # 16 MiB, very compressible
+    with open(mnt.p("z", "f"), "wb") as f:
+        f.write(data)
+    st = os.statvfs(mnt.path)
+    assert (st.f_blocks - st.f_bfree) * st.f_frsize < 1 << 20
+    assert open(mnt.p("z", "f"), "rb").read() == data
+    with open("/proc/self/mountinfo") as f:
+        dev = next(line.split()[2] for line in f if line.split()[4] == mnt.path)
+    with open(f"/sys/class/bdi/{dev}/read_ahead_kb") as f:
+        assert int(f.read()) == 4096
