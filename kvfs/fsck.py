@@ -106,7 +106,7 @@ class Fsck:
                 fix = self.repair
                 self.problem(f"inode {inode.ino} is in no directory (lost)", fix)
                 if fix:
-                    self.wh._purge_inode(txn, inode.ino, [], collections.Counter())
+                    self._drop_inode(inode.ino)  # check_refcounts, later, settles its blocks
                 continue
             if inode.nlink != expect:
                 fix = self.repair
@@ -121,6 +121,14 @@ class Fsck:
                     self.problem(f"{name} record for missing inode {M.parse_u64(key)}", fix)
                     if fix:
                         txn.delete(key, db=db[name])
+
+    def _drop_inode(self, ino: int) -> None:
+        prefix = M.ino_key(ino)
+        for name in ("bmap", "xattrs"):
+            for key, _ in list(self.meta.iter_prefix(self.txn, name, prefix)):
+                self.txn.delete(key, db=self.db[name])
+        for name in ("symlinks", "orphans", "incomplete", "inodes"):
+            self.txn.delete(prefix, db=self.db[name])
 
     def check_refcounts(self) -> None:
         txn, db = self.txn, self.db
@@ -140,9 +148,11 @@ class Fsck:
         for h, val in list(txn.cursor(db=db["blocks"])):
             rec = M.BlockRecord.unpack(val)
             self.stats["blocks"] += 1
-            if rec.refcount != refs[h]:
+            if rec.refcount != refs[h] or refs[h] == 0:
                 fix = self.repair
-                self.problem(f"block {h.hex()} has refcount {rec.refcount}, counted {refs[h]}", fix)
+                what = ("is referenced by no file (leaked)" if refs[h] == 0
+                        else f"has refcount {rec.refcount}, counted {refs[h]}")
+                self.problem(f"block {h.hex()} {what}", fix)
                 if fix:
                     if refs[h] == 0:
                         txn.delete(h, db=db["blocks"])

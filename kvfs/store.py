@@ -215,7 +215,11 @@ class DeviceSet:
         # Freed extents wait here until no read that started before the free is running.
         self._generation = 0
         self._readers: dict[int, int] = {}
-        self._deferred: list[tuple[int, int, int, int]] = []  # (generation, dev, off, len)
+        # (generation, checkpoint, dev, off, len): a committed free is reused only after the
+        # next checkpoint made it durable, or a power cut could revert the metadata to
+        # point at an overwritten extent.
+        self._deferred: list[tuple[int, int, int, int, int]] = []
+        self._checkpoints = 0
 
     @property
     def capacity(self) -> int:
@@ -223,7 +227,7 @@ class DeviceSet:
 
     @property
     def free_bytes(self) -> int:
-        return sum(f.free_bytes for f in self.free) + sum(d[3] for d in self._deferred)
+        return sum(f.free_bytes for f in self.free) + sum(d[4] for d in self._deferred)
 
     def allocate(self, length: int, prefer: int) -> tuple[int, int] | None:
         length = round_up(length)
@@ -237,10 +241,12 @@ class DeviceSet:
                     return dev, off
         return None
 
-    def release(self, dev: int, offset: int, length: int) -> None:
-        """Give an extent back once current readers are done with it."""
+    def release(self, dev: int, offset: int, length: int, durable: bool = True) -> None:
+        """Give an extent back once current readers are done with it (and, for a free that
+        metadata recorded, once that is durable; durable=False for never-published ones)."""
         with self._lock:
-            self._deferred.append((self._generation, dev, offset, round_up(length)))
+            ckpt = self._checkpoints if durable else -1
+            self._deferred.append((self._generation, ckpt, dev, offset, round_up(length)))
             self._generation += 1
             self._reclaim_locked()
 
@@ -259,12 +265,19 @@ class DeviceSet:
                 del self._readers[gen]
             self._reclaim_locked()
 
+    def checkpointed(self) -> None:
+        """Metadata is durable up to now: frees recorded so far may be reused."""
+        with self._lock:
+            self._checkpoints += 1
+            self._reclaim_locked()
+
     def _reclaim_locked(self) -> None:
         oldest = min(self._readers) if self._readers else None
         keep = []
         for item in self._deferred:
-            if oldest is None or item[0] < oldest:
-                self.free[item[1]].add(item[2], item[3])
+            gen, ckpt, dev, off, length = item
+            if (oldest is None or gen < oldest) and ckpt < self._checkpoints:
+                self.free[dev].add(off, length)
             else:
                 keep.append(item)
         self._deferred = keep

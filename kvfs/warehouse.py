@@ -207,7 +207,7 @@ class Warehouse:
         self._cache: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
         self._cache_bytes = 0
         self._cache_lock = threading.Lock()
-        self.bad_blocks: set[bytes] = set()
+        self.bad_blocks: set[tuple[bytes, int, int]] = set()  # (hash, device, offset)
         self.counters = collections.Counter()
         self.default_codec = codecs.codec_by_name(compression or self.sb.get("compression", "none"))
         self.recovery: dict | None = None
@@ -324,7 +324,9 @@ class Warehouse:
                         try:
                             self._commit(of)
                         except KvfsError as exc:
-                            log.error("commit of inode %d at close failed: %s", of.ino, exc)
+                            log.error("commit of inode %d at close failed, its unpublished "
+                                      "changes are dropped: %s", of.ino, exc)
+                        self._discard(of)
                     # Unlinked inodes still referenced by the kernel are dropped now.
                     with self.meta.begin(write=True) as txn:
                         effects: list = []
@@ -346,6 +348,7 @@ class Warehouse:
                 return
             self.devices.sync()
             self.meta.sync()
+            self.devices.checkpointed()
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -515,7 +518,7 @@ class Warehouse:
         self._apply(effects)
 
     def _make(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
-              rdev: int = 0, target: bytes | None = None) -> M.Inode:
+              rdev: int = 0, target: bytes | None = None, incomplete: bool = False) -> M.Inode:
         check_name(name)
         self._check_writable()
         with self._lock, self.meta.begin(write=True) as txn:
@@ -527,7 +530,7 @@ class Warehouse:
             if target is not None:
                 inode.size = len(target)
                 txn.put(M.ino_key(inode.ino), target, db=self.meta.db["symlinks"])
-            if stat.S_ISREG(mode):
+            if incomplete:
                 inode.flags |= M.F_INCOMPLETE
                 txn.put(M.ino_key(inode.ino), M.u64(parent) + name, db=self.meta.db["incomplete"])
             self.meta.put_inode(txn, inode)
@@ -830,8 +833,11 @@ class Warehouse:
             return fh
 
     def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> tuple[int, M.Inode]:
-        inode = self.mknod(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid)
-        return self.open(inode.ino, write=True), inode
+        inode = self._make(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid, incomplete=True)
+        fh = self.open(inode.ino, write=True)
+        with self._lock:
+            self._open[inode.ino].changed = True  # the first commit marks it complete
+        return fh, inode
 
     def _handle(self, fh: int) -> Handle:
         h = self._handles.get(fh)
@@ -911,13 +917,13 @@ class Warehouse:
                 self._cache.move_to_end(h)
                 self.counters["cache_hits"] += 1
                 return data
-        if h in self.bad_blocks:
+        if (h, dev, off) in self.bad_blocks:
             raise Corrupt(f"block {h.hex()} is quarantined (failed verification earlier)")
         stored = self.devices.devices[dev].pread(slen, off)
         try:
             data = codecs.decode(stored, codec, rlen, h)
         except Corrupt:
-            self.bad_blocks.add(h)
+            self.bad_blocks.add((h, dev, off))
             self.counters["corrupt_blocks"] += 1
             log.error("block %s on device %d at %d failed verification: returning EIO", h.hex(), dev, off)
             raise
@@ -1008,26 +1014,38 @@ class Warehouse:
             if end > MAX_FILE_SIZE:
                 raise FileTooBig("write past the maximum file size")
             view = memoryview(data)
+            old_size = of.size
             if end > of.size:
                 of.size = end
             of.changed = True
             of.mtime_ns = now_ns()
             pos = 0
-            while pos < n:
-                idx, boff = divmod(offset + pos, bs)
-                take = min(bs - boff, n - pos)
-                if take == bs:
-                    of.dirty.pop(idx, None)
-                    self._store(of, idx, view[pos:pos + take])
-                else:
-                    buf = of.dirty.get(idx)
-                    if buf is None:
-                        buf = self._load_block(of, idx)
-                        of.dirty[idx] = buf
-                    buf[boff:boff + take] = view[pos:pos + take]
-                    if boff + take == bs:
-                        self._store(of, idx, of.dirty.pop(idx))
-                pos += take
+            try:
+                while pos < n:
+                    idx, boff = divmod(offset + pos, bs)
+                    take = min(bs - boff, n - pos)
+                    if take == bs:
+                        self._store(of, idx, view[pos:pos + take])
+                        of.dirty.pop(idx, None)
+                    else:
+                        buf = of.dirty.get(idx)
+                        if buf is None:
+                            buf = self._load_block(of, idx)
+                            of.dirty[idx] = buf
+                        buf[boff:boff + take] = view[pos:pos + take]
+                        if boff + take == bs:
+                            try:
+                                self._store(of, idx, buf)
+                                del of.dirty[idx]
+                            except NoSpace:
+                                pass  # stays dirty in memory; flush/close reports it
+                    pos += take
+            except KvfsError:
+                # Bytes before `pos` are written (in memory or stored); the rest is not.
+                of.size = max(old_size, offset + pos)
+                if pos == 0:
+                    raise
+                return pos
             return n
 
     def _store(self, of: OpenFile, idx: int, data) -> None:
@@ -1047,7 +1065,7 @@ class Warehouse:
             return
         with self.meta.begin() as txn:
             rec = self.meta.get_block(txn, h)
-        if rec is not None:
+        if rec is not None and (h, rec.dev, rec.offset) not in self.bad_blocks:
             p = Pending(h, rec.dev, rec.offset, rec.stored_len, rec.raw_len, rec.codec, False)
             self.counters["dedup_blocks"] += 1
         else:
@@ -1055,12 +1073,16 @@ class Warehouse:
             n = len(self.devices.devices)
             loc = self.devices.allocate(len(stored), (of.ino + idx) % n)
             if loc is None:
+                # Freed extents become reusable only once the free is durable.
+                self.checkpoint()
+                loc = self.devices.allocate(len(stored), (of.ino + idx) % n)
+            if loc is None:
                 raise NoSpace("warehouse is full")
             dev, off = loc
             try:
                 self.devices.devices[dev].pwrite(stored, off)
             except BaseException:
-                self.devices.release(dev, off, len(stored))
+                self.devices.release(dev, off, len(stored), durable=False)
                 raise
             p = Pending(h, dev, off, len(stored), raw_len, used, True)
             self.counters["stored_blocks"] += 1
@@ -1083,12 +1105,17 @@ class Warehouse:
                     self._settle(txn, p.hash, rec, effects, collections.Counter())
             self._apply(effects)
         if p.own:
-            self.devices.release(p.dev, p.offset, p.stored_len)
+            self.devices.release(p.dev, p.offset, p.stored_len, durable=False)
 
     def _truncate(self, of: OpenFile, size: int) -> None:
         bs = self.block_size
         if size < of.size:
             keep = (size + bs - 1) // bs
+            tail = size % bs
+            buf = None
+            if tail:  # may raise (EIO): before anything is changed
+                buf = bytearray(of.dirty[keep - 1]) if keep - 1 in of.dirty else self._load_block(of, keep - 1)
+                buf[tail:] = bytes(bs - tail)
             for idx in [i for i in of.dirty if i >= keep]:
                 del of.dirty[idx]
             for idx in [i for i in of.changes if i >= keep]:
@@ -1097,71 +1124,62 @@ class Warehouse:
                     self._drop_pending(p)
             if of.trunc_blocks is None or keep < of.trunc_blocks:
                 of.trunc_blocks = keep
-            tail = size % bs
-            if tail:
-                buf = of.dirty.get(keep - 1)
-                if buf is None:
-                    buf = self._load_block(of, keep - 1)
-                    of.dirty[keep - 1] = buf
-                buf[tail:] = bytes(bs - tail)
+            if buf is not None:
+                of.dirty[keep - 1] = buf
         of.size = size
 
     def _commit(self, of: OpenFile) -> None:
-        """Publish an open file's pending state in one metadata transaction."""
+        """Publish an open file's pending state in one metadata transaction.
+
+        New references are counted before old ones are dropped, so a block that only moves
+        within the file (or stays referenced elsewhere in it) never passes through zero."""
         if self.readonly:
             return
         for idx in sorted(of.dirty):
-            self._store(of, idx, of.dirty.pop(idx))
+            self._store(of, idx, of.dirty[idx])
+            del of.dirty[idx]  # only once it is safely stored (NoSpace keeps it dirty)
         if not of.changed and not of.changes:
             return
         effects: list = []
         unpinning = collections.Counter(p.hash for p in of.changes.values() if p is not None)
         db = self.meta.db
+        dropped: list[bytes] = []  # old references, released after all new ones are counted
         with self.meta.begin(write=True) as txn:
             inode = self.meta.get_inode(txn, of.ino)
-            if inode is None:
-                self._discard(of)
-                return
-            if of.trunc_blocks is not None:
-                start = M.bmap_key(of.ino, of.trunc_blocks)
-                for key, h in list(self.meta.iter_prefix(txn, "bmap", M.ino_key(of.ino), start)):
-                    idx = M.parse_bmap_key(key)[1]
-                    if idx not in of.changes:
-                        txn.delete(key, db=db["bmap"])
-                        self._decref(txn, h, effects, unpinning)
-            for idx, p in of.changes.items():
-                key = M.bmap_key(of.ino, idx)
-                old = txn.get(key, db=db["bmap"])
-                if p is None:
+            if inode is not None:
+                if of.trunc_blocks is not None:
+                    start = M.bmap_key(of.ino, of.trunc_blocks)
+                    for key, h in list(self.meta.iter_prefix(txn, "bmap", M.ino_key(of.ino), start)):
+                        if M.parse_bmap_key(key)[1] not in of.changes:
+                            txn.delete(key, db=db["bmap"])
+                            dropped.append(h)
+                for idx, p in of.changes.items():
+                    key = M.bmap_key(of.ino, idx)
+                    old = txn.get(key, db=db["bmap"])
+                    if p is None:
+                        if old is not None:
+                            txn.delete(key, db=db["bmap"])
+                            dropped.append(old)
+                        continue
+                    if old == p.hash:
+                        if p.own:
+                            effects.append((p.dev, p.offset, p.stored_len))
+                        continue
+                    self._reference(txn, p, effects)
+                    txn.put(key, p.hash, db=db["bmap"])
                     if old is not None:
-                        txn.delete(key, db=db["bmap"])
-                        self._decref(txn, old, effects, unpinning)
-                    continue
-                if old == p.hash:
-                    if p.own:
-                        effects.append((p.dev, p.offset, p.stored_len))
-                    continue
-                rec = self.meta.get_block(txn, p.hash)
-                if rec is not None:
-                    rec.refcount += 1
-                    self.meta.put_block(txn, p.hash, rec)
-                    if p.own and (rec.dev, rec.offset) != (p.dev, p.offset):
-                        effects.append((p.dev, p.offset, p.stored_len))
-                elif p.own:
-                    self.meta.put_block(txn, p.hash, M.BlockRecord(
-                        p.dev, p.offset, p.stored_len, p.raw_len, p.codec, 1))
-                    self.meta.free_remove(txn, p.dev, p.offset, round_up(p.stored_len))
-                else:
-                    raise Corrupt(f"pinned block {p.hash.hex()} vanished before commit")
-                txn.put(key, p.hash, db=db["bmap"])
-                if old is not None:
-                    self._decref(txn, old, effects, unpinning)
-            inode.size = of.size
-            inode.mtime_ns = inode.ctime_ns = of.mtime_ns or now_ns()
-            if inode.flags & M.F_INCOMPLETE:
-                inode.flags &= ~M.F_INCOMPLETE
-                txn.delete(M.ino_key(of.ino), db=db["incomplete"])
-            self.meta.put_inode(txn, inode)
+                        dropped.append(old)
+                for h in dropped:
+                    self._decref(txn, h, effects, unpinning)
+                inode.size = of.size
+                inode.mtime_ns = inode.ctime_ns = of.mtime_ns or now_ns()
+                if inode.flags & M.F_INCOMPLETE:
+                    inode.flags &= ~M.F_INCOMPLETE
+                    txn.delete(M.ino_key(of.ino), db=db["incomplete"])
+                self.meta.put_inode(txn, inode)
+        if inode is None:  # purged meanwhile: nothing to publish into
+            self._discard(of)
+            return
         for h, n in unpinning.items():
             left = self._pins[h] - n
             if left > 0:
@@ -1173,6 +1191,29 @@ class Warehouse:
         of.changed = False
         self._apply(effects)
         self.counters["commits"] += 1
+
+    def _reference(self, txn, p: Pending, effects: list) -> None:
+        """Count one more reference to pending block `p`, creating its record if needed."""
+        rec = self.meta.get_block(txn, p.hash)
+        if rec is None:
+            if not p.own:
+                raise Corrupt(f"pinned block {p.hash.hex()} vanished before commit")
+            self.meta.put_block(txn, p.hash, M.BlockRecord(p.dev, p.offset, p.stored_len, p.raw_len, p.codec, 1))
+            self.meta.free_remove(txn, p.dev, p.offset, round_up(p.stored_len))
+            return
+        rec.refcount += 1
+        if p.own and (rec.dev, rec.offset) != (p.dev, p.offset):
+            if (p.hash, rec.dev, rec.offset) in self.bad_blocks:
+                # The stored copy failed verification: heal it with the copy just written.
+                self.meta.free_add(txn, rec.dev, rec.offset, round_up(rec.stored_len))
+                effects.append((rec.dev, rec.offset, rec.stored_len))
+                self.bad_blocks.discard((p.hash, rec.dev, rec.offset))
+                rec.dev, rec.offset, rec.stored_len = p.dev, p.offset, p.stored_len
+                rec.raw_len, rec.codec = p.raw_len, p.codec
+                self.meta.free_remove(txn, p.dev, p.offset, round_up(p.stored_len))
+            else:
+                effects.append((p.dev, p.offset, p.stored_len))
+        self.meta.put_block(txn, p.hash, rec)
 
     def _discard(self, of: OpenFile) -> None:
         for p in of.changes.values():

@@ -95,3 +95,181 @@ def test_unlink_of_a_block_pinned_by_an_open_writer(tmp_path):
         assert [r.refcount for r in recs] == [1]
     finally:
         w.close()
+
+
+# -- regressions found in review: each reproducer drives the engine directly -----------
+
+BS = 1 << 16
+
+
+def _blk(c):
+    return bytes([c]) * BS
+
+
+def _fresh(tmp_path, size=64 << 20):
+    path = str(tmp_path / "w")
+    Warehouse.mkfs(path, devices=[("a.img", size)], block_size=BS)
+    return path
+
+
+def _crash(w):
+    """What kill -9 leaves: no close(), state still 'not clean'."""
+    w.devices.close()
+    w.meta.close()
+    os.close(w._lock_fd)
+    w._lock_fd = -1
+
+
+def _fsck_clean(path):
+    from kvfs.fsck import Fsck
+
+    w = Warehouse(path, check_only=True)
+    try:
+        with w.meta.begin() as txn:
+            f = Fsck(w, txn)
+            f.run(verify_data=True)
+        return f.problems
+    finally:
+        w.close()
+
+
+def _fill(w):
+    fh, _ = w.create(M.ROOT_INO, b"fill", 0o644, 0, 0)
+    i = 0
+    with pytest.raises(Exception):
+        while True:
+            w.write(fh, i * BS, os.urandom(BS))
+            i += 1
+    return fh
+
+
+def test_block_moving_within_a_file_in_one_commit(tmp_path):
+    path = _fresh(tmp_path)
+    w = Warehouse(path)
+    fh, ino = w.create(M.ROOT_INO, b"f", 0o644, 0, 0)
+    w.write(fh, 0, _blk(1) + _blk(2))
+    w.release(fh)
+    fh = w.open(ino.ino, write=True)
+    w.write(fh, 0, _blk(3))
+    w.write(fh, BS, _blk(1))  # the old block 0 moves to index 1
+    w.release(fh)
+    w.setattr(ino.ino, size=BS)  # and a truncate that drops what the first block replaced
+    fh = w.open(ino.ino)
+    assert w.read(fh, 0, 2 * BS) == _blk(3)
+    w.release(fh)
+    w.close()
+    assert _fsck_clean(path) == []
+
+
+def test_empty_file_created_and_closed_survives_a_crash(tmp_path):
+    path = _fresh(tmp_path)
+    w = Warehouse(path)
+    fh, _ = w.create(M.ROOT_INO, b"empty", 0o644, 0, 0)
+    w.release(fh)
+    w.mknod(M.ROOT_INO, b"node", 0o100644, 0, 0)
+    w.close()
+    w = Warehouse(path)
+    _crash(w)
+    w = Warehouse(path)
+    try:
+        assert w.recovery["incomplete_files"] == 0
+        assert w.lookup(M.ROOT_INO, b"empty").size == 0
+        w.lookup(M.ROOT_INO, b"node")
+    finally:
+        w.close()
+
+
+def test_no_space_keeps_written_bytes_and_reports_at_flush(tmp_path):
+    from kvfs.errors import NoSpace
+
+    path = _fresh(tmp_path, size=(1 << 20) + 4 * BS)
+    w = Warehouse(path)
+    fh, ino = w.create(M.ROOT_INO, b"f", 0o644, 0, 0)
+    w.write(fh, 0, _blk(ord("x")))
+    w.release(fh)
+    filler = _fill(w)
+    fh = w.open(ino.ino, write=True)
+    w.write(fh, 0, b"NEW")
+    with pytest.raises(NoSpace):
+        w.flush(fh)
+    assert w.read(fh, 0, 3) == b"NEW"  # not silently dropped
+    with pytest.raises(NoSpace):
+        w.flush(fh)  # and a retry does not pretend to succeed
+    with pytest.raises(NoSpace):
+        w.setattr(ino.ino, size=100)
+    w.release(filler)
+    w.unlink(M.ROOT_INO, b"fill")  # space comes back
+    w.flush(fh)
+    w.release(fh)
+    w.setattr(ino.ino, size=BS)  # the tail past 100 must read as zeros
+    fh = w.open(ino.ino)
+    assert w.read(fh, 0, BS) == b"NEW" + b"x" * 97 + bytes(BS - 100)
+    w.release(fh)
+    w.close()
+    assert _fsck_clean(path) == []
+
+
+def test_failed_truncate_changes_nothing(tmp_path):
+    from kvfs.errors import Corrupt as CorruptError
+
+    path = _fresh(tmp_path)
+    w = Warehouse(path)
+    fh, ino = w.create(M.ROOT_INO, b"f", 0o644, 0, 0)
+    w.write(fh, 0, _blk(1) + _blk(2) + _blk(3))
+    w.release(fh)
+    with w.meta.begin() as txn:
+        h = txn.get(M.bmap_key(ino.ino, 1), db=w.meta.db["bmap"])
+        rec = w.meta.get_block(txn, h)
+    os.pwrite(w.devices.devices[rec.dev].fd, b"\xff", rec.offset + 10)  # rot block 1
+    w._cache.clear()
+    held = w.open(ino.ino, write=True)  # the file is open while the truncate fails
+    with pytest.raises(CorruptError):
+        w.setattr(ino.ino, size=BS + 100)
+    assert w.getattr(ino.ino).size == 3 * BS
+    assert w.read(held, 2 * BS, BS) == _blk(3)
+    w.write(held, 0, b"z")
+    w.release(held)  # commits: block 2 must still be there
+    fh = w.open(ino.ino)
+    assert w.read(fh, 2 * BS, BS) == _blk(3)
+    w.release(fh)
+    w.close()
+
+
+def test_rewriting_a_corrupt_block_heals_it(tmp_path):
+    from kvfs.errors import Corrupt as CorruptError
+
+    path = _fresh(tmp_path)
+    w = Warehouse(path)
+    fh, ino = w.create(M.ROOT_INO, b"f", 0o644, 0, 0)
+    w.write(fh, 0, _blk(1))
+    w.release(fh)
+    with w.meta.begin() as txn:
+        rec = w.meta.get_block(txn, txn.get(M.bmap_key(ino.ino, 0), db=w.meta.db["bmap"]))
+    os.pwrite(w.devices.devices[0].fd, b"\x00", rec.offset + 5)
+    w._cache.clear()
+    fh = w.open(ino.ino)
+    with pytest.raises(CorruptError):
+        w.read(fh, 0, BS)
+    w.release(fh)
+    fh, _ = w.create(M.ROOT_INO, b"g", 0o644, 0, 0)
+    w.write(fh, 0, _blk(1))  # same content: must not dedup onto the bad copy
+    w.release(fh)
+    for name in (b"f", b"g"):
+        fh = w.open(w.lookup(M.ROOT_INO, name).ino)
+        assert w.read(fh, 0, BS) == _blk(1)
+        w.release(fh)
+    w.close()
+    assert _fsck_clean(path) == []
+
+
+def test_fsck_flags_an_unreferenced_block_record(tmp_path):
+    path = _fresh(tmp_path)
+    w = Warehouse(path)
+    fh, ino = w.create(M.ROOT_INO, b"f", 0o644, 0, 0)
+    w.write(fh, 0, _blk(7))
+    w.release(fh)
+    with w.meta.begin(write=True) as txn:  # plant: the file forgets its block
+        txn.delete(M.bmap_key(ino.ino, 0), db=w.meta.db["bmap"])
+    w.close()
+    problems = _fsck_clean(path)
+    assert any("referenced by no file" in p for p in problems)
