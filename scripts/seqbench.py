@@ -2,7 +2,9 @@
 """Sequential write/read MB/s through a kvfs mount next to a plain directory on the same disk.
 
 Both are measured in the same run, alternating, REPS times; the median is reported with the
-ratio kvfs/raw. Cold reads drop the page cache first (needs root).
+ratio kvfs/raw. "write" ends at close (raw: page cache only, so it swings with dirty-page
+state); "write_fsync" ends after fsync (durable on both sides). Cold reads drop the page
+cache first (needs root).
 
     .venv/bin/python scripts/seqbench.py [--dir /var/tmp] [--size-mib 512] [--reps 3] [--json]
 """
@@ -27,7 +29,7 @@ def drop_caches():
         f.write("3")
 
 
-def write_file(path, size, direct=False):
+def write_file(path, size, direct=False, fsync=False):
     buf = os.urandom(CHUNK)
     flags = os.O_CREAT | os.O_TRUNC | os.O_WRONLY | (os.O_DIRECT if direct else 0)
     if direct:
@@ -40,6 +42,8 @@ def write_file(path, size, direct=False):
     fd = os.open(path, flags, 0o644)
     for _ in range(size // CHUNK):
         os.write(fd, buf)
+    if fsync:
+        os.fsync(fd)
     os.close(fd)
     return size / (time.perf_counter() - t) / 1e6
 
@@ -74,11 +78,14 @@ def main():
     subprocess.run([*KVFS, "mkfs", wh, "--size", f"{max(4 * args.size_mib, 1024)}M"], check=True,
                    stdout=subprocess.DEVNULL)
     subprocess.run([*KVFS, "mount", wh, mnt], check=True, stdout=subprocess.DEVNULL)
-    results = {k: {"raw": [], "kvfs": []} for k in ("write", "read_cold", "read_warm")}
+    workloads = ("write", "write_fsync", "read_cold", "read_warm")
+    results = {k: {"raw": [], "kvfs": []} for k in workloads}
     try:
         for rep in range(args.reps):
             for side, d in (("raw", raw), ("kvfs", mnt)):
                 path = os.path.join(d, f"f{rep}")
+                results["write_fsync"][side].append(write_file(path + "s", size, fsync=True))
+                os.unlink(path + "s")
                 results["write"][side].append(write_file(path, size))
                 drop_caches()
                 results["read_cold"][side].append(read_file(path))
