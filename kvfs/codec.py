@@ -33,13 +33,6 @@ def codec_by_name(name: str) -> int:
         raise Invalid(f"unknown codec {name!r} (known: {', '.join(CODEC_NAMES)})") from None
 
 
-def codec_name(codec: int) -> str:
-    for k, v in CODEC_NAMES.items():
-        if v == codec:
-            return k
-    return f"codec{codec}"
-
-
 def encode(data, codec: int) -> tuple[bytes, int]:
     """Return (stored bytes, codec actually used). Incompressible data is stored raw.
 

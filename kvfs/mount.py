@@ -115,7 +115,7 @@ def serve(warehouse: str, mountpoint: str, fuse_opts: set[str], kvfs_opts: dict[
             await trio.sleep(CHECKPOINT_INTERVAL)
             await trio.to_thread.run_sync(wh.checkpoint)
 
-    async def signals(cancel):
+    async def signals():
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as it:
             async for sig in it:
                 log.info("signal %d: unmounting", sig)
@@ -132,7 +132,7 @@ def serve(warehouse: str, mountpoint: str, fuse_opts: set[str], kvfs_opts: dict[
         async with trio.open_nursery() as nursery:
             nursery.start_soon(checkpoints)
             nursery.start_soon(after_init)
-            nursery.start_soon(signals, nursery.cancel_scope)
+            nursery.start_soon(signals)
             recovered = ""
             if wh.recovery is not None:
                 r = wh.recovery
@@ -271,7 +271,7 @@ def unmount(mountpoint: str, lazy: bool = False, timeout: float = 120.0) -> str:
     fusermount_unmount(info["mountpoint"], lazy)
     deadline = time.monotonic() + timeout
     done = wait_unlocked(info["source"], timeout)
-    while done and pid is not None and _alive(pid):
+    while done and pid is not None and pid_alive(pid):
         if time.monotonic() > deadline:
             done = False
             break
@@ -293,7 +293,7 @@ def daemon_pid(warehouse: str) -> int | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rpartition(")")[2].split()[0] != "Z"

@@ -107,7 +107,6 @@ class OpenFile:
         self.size = size
         self.codec = codec
         self.handles = 0
-        self.writers = 0
         self.dirty: dict[int, bytearray] = {}  # partially written blocks, in memory
         self.changes: dict[int, Pending | None] = {}  # stored blocks; None: a hole
         self.trunc_blocks: int | None = None  # committed blocks from here on are dropped
@@ -825,8 +824,6 @@ class Warehouse:
                 raise IsADirectory("is a directory")
             of = self._file(inode)
             of.handles += 1
-            if write:
-                of.writers += 1
             fh = self._next_fh
             self._next_fh += 1
             self._handles[fh] = Handle(ino, write, append)
@@ -845,10 +842,6 @@ class Warehouse:
             raise KvfsError(f"bad file handle {fh}", errno.EBADF)
         return h
 
-    def handle_ino(self, fh: int) -> int:
-        with self._lock:
-            return self._handle(fh).ino
-
     def release(self, fh: int) -> None:
         with self._lock:
             h = self._handles.pop(fh, None)
@@ -856,8 +849,6 @@ class Warehouse:
                 return
             of = self._open[h.ino]
             of.handles -= 1
-            if h.writable:
-                of.writers -= 1
             try:
                 if h.writable or of.changed:
                     try:
@@ -1245,14 +1236,3 @@ def default_size(path: str) -> int:
     st = os.statvfs(path)
     half_free = st.f_bavail * st.f_frsize // 2
     return max(64 << 20, min(4 << 30, half_free)) // (1 << 20) * (1 << 20)
-
-
-def read_superblock(path: str) -> dict:
-    """Superblock of a warehouse without locking it (for status tools)."""
-    meta = M.Meta(os.path.join(path, META_DIR), readonly=True)
-    try:
-        with meta.begin() as txn:
-            return {"superblock": meta.get_json(txn, b"superblock"), "state": meta.get_json(txn, b"state")}
-    finally:
-        meta.close()
-

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from kvfs.cli import main as kvfs_main
+from kvfs.mount import daemon_pid, pid_alive  # noqa: F401 (tests import them from here)
 
 KVFS = [sys.executable, "-m", "kvfs.cli"]
 
@@ -24,27 +25,6 @@ def run_kvfs(*args, check=True, timeout=120):
     if check and res.returncode != 0:
         raise AssertionError(f"kvfs {' '.join(map(str, args))} -> {res.returncode}\n{res.stdout}\n{res.stderr}")
     return res
-
-
-def daemon_pid(warehouse) -> int | None:
-    try:
-        text = open(os.path.join(warehouse, "lock")).read()
-    except OSError:
-        return None
-    parts = text.split()
-    return int(parts[1]) if len(parts) == 2 and parts[0] == "pid" else None
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 class Mount:
