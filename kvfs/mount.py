@@ -111,9 +111,14 @@ def serve(warehouse: str, mountpoint: str, fuse_opts: set[str], kvfs_opts: dict[
     log.info("serving %s on %s (pid %d, options %s)", wh.path, mountpoint, os.getpid(), sorted(options))
 
     async def checkpoints():
+        # A failing checkpoint (a device returning EIO to fdatasync, say) is logged and
+        # retried; it must not take the whole mount down with it.
         while True:
             await trio.sleep(CHECKPOINT_INTERVAL)
-            await trio.to_thread.run_sync(wh.checkpoint)
+            try:
+                await trio.to_thread.run_sync(wh.checkpoint)
+            except Exception:
+                log.exception("checkpoint failed; retrying in %.0f s", CHECKPOINT_INTERVAL)
 
     async def signals():
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as it:
@@ -125,7 +130,11 @@ def serve(warehouse: str, mountpoint: str, fuse_opts: set[str], kvfs_opts: dict[
     async def after_init():
         # FUSE's INIT reply lowers the bdi read-ahead to what the daemon negotiated, so it
         # is raised once INIT is done: the first stat() is answered only after it.
-        await trio.to_thread.run_sync(os.stat, mountpoint)
+        try:
+            await trio.to_thread.run_sync(os.stat, mountpoint)
+        except OSError as exc:
+            log.warning("stat of %s failed (%s); read-ahead left as it is", mountpoint, exc)
+            return
         raise_read_ahead(mountpoint)
 
     async def main():
