@@ -15,6 +15,8 @@ from . import __version__
 from .errors import QuietError, EXIT_INTERNAL, EXIT_MOUNT_FAILED, EXIT_OK, EXIT_USAGE
 
 SUBCOMMANDS = ("mkfs", "mount", "umount", "fsck")
+# Exit code for an OSError on a path the user named, per subcommand.
+_OS_ERROR_EXIT = {"mkfs": 9, "mount": 6, "umount": 6, "fsck": 3}
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*$", re.I)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
@@ -67,7 +69,8 @@ def cmd_mount(args) -> int:
     from . import mount as m
 
     warehouse = os.path.abspath(args.warehouse)
-    mountpoint = os.path.abspath(args.mountpoint)
+    # Resolve symlinks now: the kernel records (and mountinfo shows) the real path.
+    mountpoint = os.path.realpath(args.mountpoint)
     fuse_opts, kvfs_opts = m.split_options(args.o or [])
     if args.compress:
         kvfs_opts["compress"] = args.compress
@@ -115,9 +118,13 @@ def cmd_mount(args) -> int:
 def cmd_umount(args) -> int:
     from .mount import unmount
 
-    source = unmount(args.mountpoint, lazy=args.lazy, timeout=args.timeout)
+    source, was_running = unmount(args.mountpoint, lazy=args.lazy, timeout=args.timeout)
     if not args.quiet:
-        print(f"kvfs: unmounted {args.mountpoint}; {source} is clean")
+        if was_running:
+            print(f"kvfs: unmounted {args.mountpoint}; {source} is clean")
+        else:
+            print(f"kvfs: detached {args.mountpoint}; its daemon was not running, so {source} "
+                  "was not closed cleanly: the next mount recovers it")
     return EXIT_OK
 
 
@@ -210,8 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     argv = list(argv)
-    # mount.fuse3 (fstab type fuse.kvfs) runs "kvfs WAREHOUSE MOUNTPOINT -o OPTS".
-    if argv and argv[0] not in SUBCOMMANDS and not argv[0].startswith("-"):
+    # mount.fuse3 (fstab type fuse.kvfs) runs "kvfs WAREHOUSE MOUNTPOINT -o OPTS": two
+    # paths. Anything else that is not a subcommand is a typo for argparse to report.
+    if (len(argv) >= 2 and argv[0] not in SUBCOMMANDS and not argv[0].startswith("-")
+            and ("/" in argv[0] or os.path.isdir(argv[0]))):
         argv.insert(0, "mount")
     parser = build_parser()
     try:
@@ -225,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exitcode
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:  # a path the user gave: one line, no traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"kvfs {args.command}: {where}{exc.strerror or exc}", file=sys.stderr)
+        return _OS_ERROR_EXIT.get(args.command, EXIT_INTERNAL)
     except Exception as exc:  # a bug: keep the traceback, in the log if there is one
         logging.getLogger("kvfs").exception("internal error")
         print(f"kvfs {args.command}: internal error: {exc!r}", file=sys.stderr)

@@ -30,7 +30,11 @@ def _fuse_errors(fn):
     @functools.wraps(fn)
     async def wrapper(self, *args):
         try:
-            return await fn(self, *args)
+            try:
+                return await fn(self, *args)
+            finally:
+                if self.wh.discarded:
+                    self._invalidate_discarded()
         except pyfuse3.FUSEError:
             raise
         except KvfsError as exc:
@@ -95,10 +99,29 @@ class Operations(pyfuse3.Operations):
         e.entry_timeout = ENTRY_TIMEOUT
         return e
 
-    @_fuse_errors
     async def forget(self, inode_list):
+        # forget has no reply: an exception here would end the FUSE session (and the
+        # mount), so each inode is handled on its own and failures are only logged.
         for ino, n in inode_list:
-            self.wh.forget(ino, n)
+            try:
+                self.wh.forget(ino, n)
+            except Exception:
+                log.exception("forget of inode %d failed; its space is reclaimed by fsck/gc", ino)
+        if self.wh.discarded:
+            self._invalidate_discarded()
+
+    def _invalidate_discarded(self):
+        """Tell the kernel to drop pages and attributes of inodes whose unpublished
+        changes were discarded (it still caches bytes that were never stored)."""
+        for ino in self.wh.take_discarded():
+            trio.lowlevel.spawn_system_task(self._invalidate, ino)
+
+    @staticmethod
+    async def _invalidate(ino):
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
+        except Exception as exc:  # the kernel may already have forgotten it
+            log.debug("invalidate_inode(%d): %s", ino, exc)
 
     @_fuse_errors
     async def getattr(self, inode, ctx=None):

@@ -9,6 +9,7 @@ import errno
 import logging
 import logging.handlers
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -98,7 +99,8 @@ def serve(warehouse: str, mountpoint: str, fuse_opts: set[str], kvfs_opts: dict[
         tell(f"error {exc.exitcode} {exc}")
         raise
     ops = Operations(wh)
-    options = set(pyfuse3.default_options) | {f"fsname={wh.path}", "subtype=kvfs"} | fuse_opts
+    fsname = wh.path.replace("\\", "\\\\").replace(",", "\\,")  # libfuse option syntax
+    options = set(pyfuse3.default_options) | {f"fsname={fsname}", "subtype=kvfs"} | fuse_opts
     try:
         pyfuse3.init(ops, mountpoint, options)
     except RuntimeError as exc:
@@ -204,7 +206,8 @@ def start_daemon(argv: list[str], warehouse: str, timeout: float = 60.0) -> str:
 
 
 def _unescape(s: str) -> str:
-    return s.encode().decode("unicode_escape") if "\\" in s else s
+    """mountinfo writes space, tab, newline and backslash as \\ooo octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
 
 
 def find_mount(mountpoint: str, resolve: bool = True) -> dict | None:
@@ -272,11 +275,13 @@ def wait_unlocked(warehouse: str, timeout: float) -> bool:
         time.sleep(0.05)
 
 
-def unmount(mountpoint: str, lazy: bool = False, timeout: float = 120.0) -> str:
+def unmount(mountpoint: str, lazy: bool = False, timeout: float = 120.0) -> tuple[str, bool]:
+    """Unmount; return (warehouse, whether a daemon was serving it)."""
     info = find_mount(mountpoint)
     if info is None:
         raise QuietError(f"{mountpoint} is not a kvfs mount point", EXIT_NOT_MOUNTED)
-    pid = daemon_pid(info["source"])
+    was_running = not wait_unlocked(info["source"], 0)
+    pid = daemon_pid(info["source"]) if was_running else None
     fusermount_unmount(info["mountpoint"], lazy)
     deadline = time.monotonic() + timeout
     done = wait_unlocked(info["source"], timeout)
@@ -289,7 +294,7 @@ def unmount(mountpoint: str, lazy: bool = False, timeout: float = 120.0) -> str:
         raise QuietError(
             f"unmounted {mountpoint}, but the daemon has not finished closing {info['source']} "
             f"after {timeout:.0f}s", EXIT_MOUNT_FAILED)
-    return info["source"]
+    return info["source"], was_running
 
 
 def daemon_pid(warehouse: str) -> int | None:

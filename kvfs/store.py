@@ -65,13 +65,11 @@ def prepare_device(path: str, size: int | None, wh_uuid: str, index: int, force:
             try:
                 os.posix_fallocate(fd, 0, size)
             except OSError as exc:
-                if exc.errno == errno.ENOSPC:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                     os.close(fd)
                     fd = -1
                     os.unlink(path)
-                    raise QuietError(f"{path}: not enough space for {size} bytes", EXIT_DEVICE) from None
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
+                    raise QuietError(f"{path}: cannot allocate {size} bytes: {exc.strerror}", EXIT_DEVICE) from None
                 os.ftruncate(fd, size)  # filesystem without fallocate: sparse file
         finally:
             if fd >= 0:

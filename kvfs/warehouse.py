@@ -207,6 +207,9 @@ class Warehouse:
         self._cache_bytes = 0
         self._cache_lock = threading.Lock()
         self.bad_blocks: set[tuple[bytes, int, int]] = set()  # (hash, device, offset)
+        # Inodes whose unpublished changes were dropped: a client (the kernel) may cache
+        # bytes or attributes that are no longer true and must be told (take_discarded).
+        self.discarded: set[int] = set()
         self.counters = collections.Counter()
         self.default_codec = codecs.codec_by_name(compression or self.sb.get("compression", "none"))
         self.recovery: dict | None = None
@@ -365,7 +368,8 @@ class Warehouse:
         of = self._open.get(inode.ino)
         if of is not None and of.changed:
             inode.size = of.size
-            inode.mtime_ns = inode.ctime_ns = of.mtime_ns
+            inode.mtime_ns = of.mtime_ns
+            inode.ctime_ns = max(inode.ctime_ns, of.mtime_ns)
         return inode
 
     def _get_dir(self, txn, ino: int) -> M.Inode:
@@ -433,7 +437,11 @@ class Warehouse:
     def _decref(self, txn, h: bytes, effects: list, unpinning) -> None:
         rec = self.meta.get_block(txn, h)
         if rec is None or rec.refcount == 0:
-            raise Corrupt(f"block {h.hex()} referenced but has no reference to drop")
+            # Metadata was already inconsistent: there is nothing to free. Failing here
+            # would turn it into a failed unlink, unmount or recovery; fsck repairs it.
+            self.counters["refcount_errors"] += 1
+            log.error("block %s: a reference was dropped that was not counted; run kvfs fsck --repair", h.hex())
+            return
         rec.refcount -= 1
         self._settle(txn, h, rec, effects, unpinning)
 
@@ -718,6 +726,10 @@ class Warehouse:
                     of.mtime_ns = t
                     of.changed = True
                     self._commit(of)
+                except KvfsError:
+                    if of.handles == 0:
+                        self._discard(of)  # the truncate failed: nothing of it remains
+                    raise
                 finally:
                     self._maybe_close(of)
             with self.meta.begin(write=True) as txn:
@@ -1207,12 +1219,25 @@ class Warehouse:
         self.meta.put_block(txn, p.hash, rec)
 
     def _discard(self, of: OpenFile) -> None:
+        """Drop an open file's unpublished state; it is back to what was committed."""
+        if of.changes or of.dirty or of.changed or of.trunc_blocks is not None:
+            self.discarded.add(of.ino)
         for p in of.changes.values():
             if p is not None:
                 self._drop_pending(p)
         of.changes.clear()
         of.dirty.clear()
         of.changed = False
+        of.trunc_blocks = None
+        with self.meta.begin() as txn:
+            inode = self.meta.get_inode(txn, of.ino)
+        if inode is not None:
+            of.size, of.mtime_ns = inode.size, inode.mtime_ns
+
+    def take_discarded(self) -> set[int]:
+        with self._lock:
+            out, self.discarded = self.discarded, set()
+            return out
 
 
 def _lock(path: str) -> int:

@@ -289,3 +289,75 @@ def test_directory_compression_and_read_ahead(mnt):
         dev = next(line.split()[2] for line in f if line.split()[4] == mnt.path)
     with open(f"/sys/class/bdi/{dev}/read_ahead_kb") as f:
         assert int(f.read()) == 4096
+
+
+def test_failed_commit_does_not_leave_stale_bytes_in_the_kernel_cache(make_mount):
+    m = make_mount(devices=(("a.img", "8M"),))
+    with open(m.p("v"), "wb") as f:
+        f.write(b"A" * 100)
+    n = 0
+    for size in (64 << 10, 4096):  # fill the warehouse to the last allocation unit
+        with pytest.raises(OSError) as info:
+            while True:
+                with open(m.p(f"fill{n}"), "wb") as f:
+                    f.write(os.urandom(size))
+                n += 1
+        assert info.value.errno == errno.ENOSPC
+    fd = os.open(m.p("v"), os.O_RDWR)
+    os.pwrite(fd, b"B" * 10, 0)  # fits in memory, cannot be stored
+    expect_errno(errno.ENOSPC, os.close, fd)
+    # Another open must see what is stored, not what the kernel cached from the write.
+    assert wait_for(lambda: open(m.p("v"), "rb").read() == b"A" * 100, timeout=5)
+    # A shrinking truncate that cannot be stored fails whole and changes nothing.
+    expect_errno(errno.ENOSPC, os.truncate, m.p("v"), 10)
+    assert wait_for(lambda: os.stat(m.p("v")).st_size == 100, timeout=5)
+    assert open(m.p("v"), "rb").read() == b"A" * 100
+
+
+def test_daemon_survives_inconsistent_metadata_on_unlink(make_mount):
+    m = make_mount()
+    with open(m.p("victim"), "wb") as f:
+        f.write(b"hi")
+    m.umount()
+    from kvfs.warehouse import Warehouse
+
+    w = Warehouse(m.warehouse)
+    with w.meta.begin(write=True) as txn:  # plant: the file's block record vanishes
+        for key, _ in list(txn.cursor(db=w.meta.db["blocks"])):
+            txn.delete(key, db=w.meta.db["blocks"])
+    w.close()
+    m.mount()
+    expect_errno(errno.EIO, lambda: open(m.p("victim"), "rb").read())
+    os.unlink(m.p("victim"))
+    subprocess_drop_dentries()
+    with open(m.p("after"), "wb") as f:  # the mount still serves
+        f.write(b"ok")
+    assert open(m.p("after"), "rb").read() == b"ok"
+    m.umount()  # and unmounts cleanly
+
+
+def subprocess_drop_dentries():
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2")
+    time.sleep(0.3)
+
+
+def test_odd_paths_and_symlinked_mount_point(make_warehouse, tmp_path):
+    from conftest import Mount, daemon_pid, run_kvfs
+
+    wh = make_warehouse("w,comma")
+    real = tmp_path / "m é"
+    real.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    m = Mount(wh, real)
+    try:
+        run_kvfs("mount", wh, link)
+        m.pid = daemon_pid(str(wh))
+        res = run_kvfs("mount", wh, real, check=False)
+        assert res.returncode in (5, 6)
+        with open(os.path.join(real, "f"), "w") as f:
+            f.write("x")
+        m.umount()
+    finally:
+        m.cleanup()
