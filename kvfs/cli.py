@@ -12,7 +12,7 @@ import re
 import sys
 
 from . import __version__
-from .errors import QuietError, EXIT_INTERNAL, EXIT_MOUNT_FAILED, EXIT_OK, EXIT_USAGE
+from .errors import QuietError, EXIT_INTERNAL, EXIT_MOUNT_FAILED, EXIT_NO_WAREHOUSE, EXIT_OK, EXIT_USAGE
 
 SUBCOMMANDS = ("mkfs", "mount", "umount", "fsck")
 # Exit code for an OSError on a path the user named, per subcommand.
@@ -81,8 +81,6 @@ def cmd_mount(args) -> int:
     if kvfs_opts.get("durability", "fsync") not in ("fsync", "close"):
         raise QuietError(f"durability must be 'fsync' or 'close', not {kvfs_opts['durability']!r}", EXIT_USAGE)
     if not os.path.isdir(os.path.join(warehouse, "meta")):
-        from .errors import EXIT_NO_WAREHOUSE
-
         raise QuietError(f"{warehouse} is not a kvfs warehouse (run kvfs mkfs first)", EXIT_NO_WAREHOUSE)
     existing = m.find_mount(mountpoint, resolve=False)
     if existing is not None and m.wait_unlocked(existing["source"], 0):

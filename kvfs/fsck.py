@@ -106,7 +106,8 @@ class Fsck:
                 fix = self.repair
                 self.problem(f"inode {inode.ino} is in no directory (lost)", fix)
                 if fix:
-                    self._drop_inode(inode.ino)  # check_refcounts, later, settles its blocks
+                    # check_refcounts, later, settles the counts of its blocks
+                    self.meta.delete_inode_records(txn, inode.ino)
                 continue
             if inode.nlink != expect:
                 fix = self.repair
@@ -121,14 +122,6 @@ class Fsck:
                     self.problem(f"{name} record for missing inode {M.parse_u64(key)}", fix)
                     if fix:
                         txn.delete(key, db=db[name])
-
-    def _drop_inode(self, ino: int) -> None:
-        prefix = M.ino_key(ino)
-        for name in ("bmap", "xattrs"):
-            for key, _ in list(self.meta.iter_prefix(self.txn, name, prefix)):
-                self.txn.delete(key, db=self.db[name])
-        for name in ("symlinks", "orphans", "incomplete", "inodes"):
-            self.txn.delete(prefix, db=self.db[name])
 
     def check_refcounts(self) -> None:
         txn, db = self.txn, self.db

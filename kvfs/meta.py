@@ -233,6 +233,20 @@ class Meta:
                 return
             yield key, val
 
+    def delete_inode_records(self, txn, ino: int) -> list[bytes]:
+        """Delete every record of inode `ino`; return the block hashes its map named
+        (the caller decides what happens to their reference counts)."""
+        prefix = ino_key(ino)
+        hashes = []
+        for key, val in list(self.iter_prefix(txn, "bmap", prefix)):
+            txn.delete(key, db=self.db["bmap"])
+            hashes.append(val)
+        for key, _ in list(self.iter_prefix(txn, "xattrs", prefix)):
+            txn.delete(key, db=self.db["xattrs"])
+        for name in ("symlinks", "orphans", "incomplete", "inodes"):
+            txn.delete(prefix, db=self.db[name])
+        return hashes
+
     # -- free-extent map (the persistent half; kvfs.store keeps the in-memory half) -----
 
     def free_remove(self, txn, dev: int, offset: int, length: int) -> None:

@@ -16,7 +16,7 @@ import sys
 import time
 
 from .errors import QuietError, EXIT_MOUNT_FAILED, EXIT_NOT_MOUNTED
-from .warehouse import LOG_FILE, Warehouse
+from .warehouse import LOCK_FILE, LOG_FILE, Warehouse, lock_holder
 
 log = logging.getLogger("kvfs.mount")
 
@@ -256,7 +256,7 @@ def wait_unlocked(warehouse: str, timeout: float) -> bool:
     """Wait until no process holds the warehouse lock (the daemon has finished closing)."""
     import fcntl
 
-    path = os.path.join(warehouse, "lock")
+    path = os.path.join(warehouse, LOCK_FILE)
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -297,14 +297,7 @@ def unmount(mountpoint: str, lazy: bool = False, timeout: float = 120.0) -> tupl
     return info["source"], was_running
 
 
-def daemon_pid(warehouse: str) -> int | None:
-    """Pid of the process holding the warehouse lock, as it wrote it there."""
-    try:
-        with open(os.path.join(warehouse, "lock")) as f:
-            word, _, pid = f.read().strip().partition(" ")
-        return int(pid) if word == "pid" else None
-    except (OSError, ValueError):
-        return None
+daemon_pid = lock_holder  # the daemon is the process that holds the warehouse lock
 
 
 def pid_alive(pid: int) -> bool:

@@ -214,7 +214,6 @@ class Warehouse:
         self.default_codec = codecs.codec_by_name(compression or self.sb.get("compression", "none"))
         self.recovery: dict | None = None
         try:
-            self._load_free_maps()
             if not readonly:
                 with self.meta.begin(write=True) as txn:
                     state = self.meta.get_json(txn, b"state") or {}
@@ -225,8 +224,6 @@ class Warehouse:
                         "since": time.time(),
                     })
                 self.meta.sync()
-                if self.recovery is not None:
-                    self._load_free_maps()
             elif not check_only:
                 with self.meta.begin() as txn:
                     state = self.meta.get_json(txn, b"state") or {}
@@ -236,6 +233,7 @@ class Warehouse:
                         "(recovery runs) or run kvfs fsck before a read-only mount",
                         EXIT_NEEDS_FSCK,
                     )
+            self._load_free_maps()  # after recovery: it frees extents in the persistent map
         except BaseException:
             self.devices.close()
             self.meta.close()
@@ -303,14 +301,11 @@ class Warehouse:
                 else:
                     self.meta.put_inode(txn, inode)
             report["incomplete_files"] += 1
-        for key, _ in list(txn.cursor(db=db["orphans"])):
-            self._purge_inode(txn, M.parse_u64(key), effects, collections.Counter())
-            report["orphans"] += 1
+        report["orphans"] = self._purge_orphans(txn, effects)
         for key, val in list(txn.cursor(db=db["blocks"])):
             rec = M.BlockRecord.unpack(val)
-            if rec.refcount == 0:
-                txn.delete(key, db=db["blocks"])
-                self.meta.free_add(txn, rec.dev, rec.offset, round_up(rec.stored_len))
+            if rec.refcount == 0:  # nothing is pinned at open: _settle frees it
+                self._settle(txn, key, rec, effects, collections.Counter())
                 report["unreferenced_blocks"] += 1
         log.warning("recovered after unclean shutdown: %s", report)
         return report
@@ -331,9 +326,7 @@ class Warehouse:
                         self._discard(of)
                     # Unlinked inodes still referenced by the kernel are dropped now.
                     with self.meta.begin(write=True) as txn:
-                        effects: list = []
-                        for key, _ in list(txn.cursor(db=self.meta.db["orphans"])):
-                            self._purge_inode(txn, M.parse_u64(key), effects, collections.Counter())
+                        self._purge_orphans(txn, [])
                         self.meta.put_json(txn, b"state", {"clean": True})
                     self.devices.sync()
                     self.meta.sync()
@@ -424,15 +417,15 @@ class Warehouse:
             self._purge_inode(txn, inode.ino, effects, collections.Counter())
 
     def _purge_inode(self, txn, ino: int, effects: list, unpinning) -> None:
-        db = self.meta.db
-        prefix = M.ino_key(ino)
-        for key, val in list(self.meta.iter_prefix(txn, "bmap", prefix)):
-            txn.delete(key, db=db["bmap"])
-            self._decref(txn, val, effects, unpinning)
-        for key, _ in list(self.meta.iter_prefix(txn, "xattrs", prefix)):
-            txn.delete(key, db=db["xattrs"])
-        for name in ("symlinks", "orphans", "incomplete", "inodes"):
-            txn.delete(prefix, db=db[name])
+        for h in self.meta.delete_inode_records(txn, ino):
+            self._decref(txn, h, effects, unpinning)
+
+    def _purge_orphans(self, txn, effects: list) -> int:
+        """Purge every unlinked inode that was kept for a reference now gone."""
+        orphans = [M.parse_u64(key) for key, _ in txn.cursor(db=self.meta.db["orphans"])]
+        for ino in orphans:
+            self._purge_inode(txn, ino, effects, collections.Counter())
+        return len(orphans)
 
     def _decref(self, txn, h: bytes, effects: list, unpinning) -> None:
         rec = self.meta.get_block(txn, h)
@@ -1254,6 +1247,16 @@ def _lock(path: str) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
     return fd
+
+
+def lock_holder(path: str) -> int | None:
+    """Pid of the process holding (or last holding) the warehouse lock, as _lock wrote it."""
+    try:
+        with open(os.path.join(path, LOCK_FILE)) as f:
+            word, _, pid = f.read().strip().partition(" ")
+        return int(pid) if word == "pid" else None
+    except (OSError, ValueError):
+        return None
 
 
 def default_size(path: str) -> int:

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from kvfs.cli import main as kvfs_main
-from kvfs.mount import daemon_pid, pid_alive  # noqa: F401 (tests import them from here)
+from kvfs.mount import daemon_pid, find_mount, pid_alive  # noqa: F401 (tests import them from here)
 
 KVFS = [sys.executable, "-m", "kvfs.cli"]
 
@@ -62,7 +62,7 @@ class Mount:
         return os.path.join(self.path, *parts)
 
     def cleanup(self):
-        if os.path.ismount(self.path) or _in_mounts(self.path):
+        if find_mount(self.path, resolve=False) is not None:
             subprocess.run(["fusermount3", "-u", "-z", self.path], capture_output=True)
         pid = self.pid
         for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -71,11 +71,6 @@ class Mount:
                 deadline = time.monotonic() + 5
                 while pid_alive(pid) and time.monotonic() < deadline:
                     time.sleep(0.05)
-
-
-def _in_mounts(path):
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == path for line in f)
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """The kvfs command: exit codes and one-line messages for bad input, fstab form, fsck."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -19,7 +20,7 @@ def test_parse_size():
     assert parse_size("200G") == 200 << 30
     assert parse_size("1.5GiB") == 3 << 29
     for bad in ("", "abc", "-1", "0", "12Q"):
-        with pytest.raises(Exception):
+        with pytest.raises(argparse.ArgumentTypeError):
             parse_size(bad)
 
 

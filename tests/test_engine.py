@@ -135,8 +135,10 @@ def _fsck_clean(path):
 
 def _fill(w):
     fh, _ = w.create(M.ROOT_INO, b"fill", 0o644, 0, 0)
+    from kvfs.errors import NoSpace
+
     i = 0
-    with pytest.raises(Exception):
+    with pytest.raises(NoSpace):
         while True:
             w.write(fh, i * BS, os.urandom(BS))
             i += 1
