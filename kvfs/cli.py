@@ -5,6 +5,7 @@ turns QuietError into one line on stderr and its exit code (see kvfs.errors and 
 """
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -12,11 +13,14 @@ import re
 import sys
 
 from . import __version__
-from .errors import QuietError, EXIT_INTERNAL, EXIT_MOUNT_FAILED, EXIT_NO_WAREHOUSE, EXIT_OK, EXIT_USAGE
+from .errors import (
+    QuietError, EXIT_INTERNAL, EXIT_MOUNT_FAILED, EXIT_NO_WAREHOUSE, EXIT_NOT_MOUNTED, EXIT_OK,
+    EXIT_PERMISSION, EXIT_USAGE,
+)
 
-SUBCOMMANDS = ("mkfs", "mount", "umount", "fsck")
+SUBCOMMANDS = ("mkfs", "mount", "umount", "fsck", "pin", "unpin", "retire", "gc", "tune")
 # Exit code for an OSError on a path the user named, per subcommand.
-_OS_ERROR_EXIT = {"mkfs": 9, "mount": 6, "umount": 6, "fsck": 3}
+_OS_ERROR_EXIT = {"mkfs": 9, "mount": 6, "umount": 6, "fsck": 3, "gc": 3, "tune": 3}
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*$", re.I)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
@@ -30,6 +34,19 @@ def parse_size(text: str) -> int:
     value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     if value <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return value
+
+
+def parse_fraction(text: str) -> float:
+    """'90%', '90' or '0.9' -> 0.9 (a share of the warehouse's capacity)."""
+    try:
+        value = float(text.strip().rstrip("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid share {text!r} (examples: 90%, 0.9)") from None
+    if text.strip().endswith("%") or value > 1:
+        value /= 100
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"a share must be above 0% and at most 100%: {text!r}")
     return value
 
 
@@ -52,7 +69,8 @@ def cmd_mkfs(args) -> int:
     from .warehouse import Warehouse
 
     sb = Warehouse.mkfs(args.warehouse, devices=args.device or None, size=args.size,
-                        block_size=args.block_size, compression=args.compress, force=args.force)
+                        block_size=args.block_size, compression=args.compress, force=args.force,
+                        high_watermark=args.high_watermark, low_watermark=args.low_watermark)
     if args.json:
         print(json.dumps(sb, indent=2))
     else:
@@ -60,6 +78,7 @@ def cmd_mkfs(args) -> int:
         print(f"created warehouse {os.path.abspath(args.warehouse)} (uuid {sb['uuid']})")
         print(f"  block size {human(sb['block_size'])}, compression {sb['compression']}, "
               f"{len(sb['devices'])} device(s), {human(total)} in all")
+        print(f"  eviction above {sb['high_watermark']:.0%} of capacity, down to {sb['low_watermark']:.0%}")
         for i, d in enumerate(sb["devices"]):
             print(f"  device {i}: {d['path']} ({human(d['size'])})")
     return EXIT_OK
@@ -132,6 +151,92 @@ def cmd_fsck(args) -> int:
     return run_fsck(args)
 
 
+def _set_pin(args, pinned: bool) -> int:
+    from .control import locate
+    from .warehouse import PIN_XATTR
+
+    for path in args.paths:
+        try:
+            locate(os.path.realpath(path))  # another filesystem would take the xattr as is
+        except QuietError:
+            raise QuietError(f"{path}: not on a kvfs mount", EXIT_NOT_MOUNTED) from None
+        try:
+            os.setxattr(path, PIN_XATTR, b"1" if pinned else b"0")
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise QuietError(f"{path}: {exc.strerror}", EXIT_PERMISSION) from None
+            raise QuietError(f"{path}: {exc.strerror}", EXIT_USAGE) from None
+        if not args.quiet:
+            print(f"{'pinned' if pinned else 'unpinned'} {path}")
+    return EXIT_OK
+
+
+def cmd_pin(args) -> int:
+    return _set_pin(args, True)
+
+
+def cmd_unpin(args) -> int:
+    return _set_pin(args, False)
+
+
+def cmd_retire(args) -> int:
+    from .control import Remote, locate
+
+    results = []
+    for path in args.paths:
+        mountpoint, rel = locate(path)
+        if not rel:
+            raise QuietError(f"{path} is the mount's root; retire the directories in it", EXIT_USAGE)
+        r = Remote(mountpoint).call("retire", path=rel)
+        results.append({"path": path, **r})
+        if not args.json:
+            print(f"retired {path}: {r['files']} files, {human(r['bytes'])} in {r['seconds']:.1f} s")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return EXIT_OK
+
+
+def cmd_gc(args) -> int:
+    from .control import Remote, connect
+
+    target = connect(args.target, write=args.delete)
+    # Unmounted, nothing is open and nothing is being written: no inode is young.
+    grace = args.grace if isinstance(target, Remote) else 0.0
+    try:
+        r = target.call("gc", delete=args.delete, grace=grace)
+    finally:
+        target.close()
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return EXIT_OK
+    for p in r["problems"]:
+        print(f"  {p}")
+    if not r["problems"]:
+        print("kvfs gc: nothing to collect" + (f" ({r['young']} younger than the grace period left alone)" if r["young"] else ""))
+    elif r["deleted"]:
+        print(f"kvfs gc: {len(r['problems'])} found, {human(r['reclaimed_bytes'])} reclaimed")
+    else:
+        print(f"kvfs gc: {len(r['problems'])} found ({human(r['leaked_bytes'])} of leaked space); "
+              "run again with --delete to reclaim")
+    return EXIT_OK
+
+
+def cmd_tune(args) -> int:
+    from .control import connect
+
+    change = args.high_watermark is not None or args.low_watermark is not None
+    target = connect(args.target, write=change)
+    try:
+        r = target.call("tune", high_watermark=args.high_watermark, low_watermark=args.low_watermark)
+    finally:
+        target.close()
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print(f"high watermark {r['high_watermark']:.1%}, low watermark {r['low_watermark']:.1%}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kvfs",
@@ -159,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compress", choices=("none", "zstd"), default="none",
                    help="default codec for new blocks (default none)")
     s.add_argument("--force", action="store_true", help="replace an existing warehouse / reuse device files")
+    s.add_argument("--high-watermark", type=parse_fraction, default=0.9, metavar="SHARE",
+                   help="evict least recently used files when use passes this share of capacity (default 90%%)")
+    s.add_argument("--low-watermark", type=parse_fraction, default=0.8, metavar="SHARE",
+                   help="... until use is under this share (default 80%%)")
     s.add_argument("--json", action="store_true", help="print the superblock as JSON")
     s.set_defaults(func=cmd_mkfs)
 
@@ -208,6 +317,57 @@ def build_parser() -> argparse.ArgumentParser:
                         "drop dangling entries (never touches intact data)")
     s.add_argument("--json", action="store_true", help="print a machine-readable report")
     s.set_defaults(func=cmd_fsck)
+
+    for name, func, verb in (("pin", cmd_pin, "pin"), ("unpin", cmd_unpin, "unpin")):
+        s = sub.add_parser(name, help=f"{verb} files so that eviction and expiry {'never take' if verb == 'pin' else 'may take'} them",
+                           description=("Pin files: eviction and expiry never remove them. A pinned "
+                                        "directory pins everything below it, now and what is created later."
+                                        if verb == "pin" else
+                                        "Unpin files (and, for a directory, everything below it): they are "
+                                        "evicted and expire like any other again."),
+                           epilog=f"examples:\n  kvfs {name} /mnt/kvfs/system-prompts\n  kvfs {name} /mnt/kvfs/a.bin /mnt/kvfs/b.bin\n"
+                                  f"same as:\n  setfattr -n user.kvfs.pin -v {1 if verb == 'pin' else 0} PATH",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        s.add_argument("paths", nargs="+", metavar="PATH", help="files or directories on a kvfs mount")
+        s.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
+        s.set_defaults(func=func)
+
+    s = sub.add_parser("retire", help="drop a whole subtree at once (one model's KV, say)",
+                       description="Remove a file or a directory tree from a running mount: the name "
+                                   "disappears at once, the tree is deleted in short batches that do not "
+                                   "stall other clients, pinned files included. Open files keep their data "
+                                   "until closed. Returns when everything is deleted.",
+                       epilog="example:\n  kvfs retire /mnt/kvfs/vllm/llama-3-8b_0123456789ab",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("paths", nargs="+", metavar="PATH", help="files or directories on a kvfs mount")
+    s.add_argument("--json", action="store_true", help="print what was retired as JSON")
+    s.set_defaults(func=cmd_retire)
+
+    s = sub.add_parser("gc", help="find (and reclaim) space that nothing uses",
+                       description="Find leaked extents, block records that no file references, "
+                                   "unlinked inodes that nobody has open and files created and never "
+                                   "finished. Reports only, unless --delete. Works on a running mount "
+                                   "(through its control file) and on an unmounted warehouse.",
+                       epilog="examples:\n  kvfs gc /mnt/kvfs\n  kvfs gc /var/lib/kvfs/w1 --delete --json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("target", metavar="MOUNTPOINT|WAREHOUSE")
+    s.add_argument("--delete", action="store_true", help="reclaim what was found")
+    s.add_argument("--grace", type=float, default=300.0, metavar="SECONDS",
+                   help="leave unlinked or unfinished inodes younger than this alone (default 300)")
+    s.add_argument("--json", action="store_true", help="print a machine-readable report")
+    s.set_defaults(func=cmd_gc)
+
+    s = sub.add_parser("tune", help="show or change the eviction watermarks",
+                       description="Show or change the watermarks of a warehouse, mounted (takes effect "
+                                   "at once) or not. Above the high watermark kvfs evicts the least "
+                                   "recently used unpinned files until use is under the low one.",
+                       epilog="examples:\n  kvfs tune /mnt/kvfs\n  kvfs tune /mnt/kvfs --high-watermark 85% --low-watermark 70%",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("target", metavar="MOUNTPOINT|WAREHOUSE")
+    s.add_argument("--high-watermark", type=parse_fraction, metavar="SHARE")
+    s.add_argument("--low-watermark", type=parse_fraction, metavar="SHARE")
+    s.add_argument("--json", action="store_true", help="print the watermarks as JSON")
+    s.set_defaults(func=cmd_tune)
     return p
 
 

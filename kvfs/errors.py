@@ -81,6 +81,7 @@ EXIT_NOT_MOUNTED = 7  # the path is not a kvfs mount point
 EXIT_FSCK_ERRORS = 8  # fsck found inconsistencies (and did not repair them all)
 EXIT_DEVICE = 9  # a device is missing, too small, or belongs to another warehouse
 EXIT_NEEDS_FSCK = 10  # metadata is damaged: run kvfs fsck
+EXIT_PERMISSION = 11  # not permitted: the control interface is for root and the warehouse owner
 
 
 class QuietError(Exception):

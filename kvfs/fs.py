@@ -1,21 +1,29 @@
-"""pyfuse3 Operations over a Warehouse.
+"""pyfuse3 Operations over a Warehouse, and the mount's control directory.
 
 This is the only module (with kvfs.mount) that imports pyfuse3 or trio, and the only place
 where engine errors become FUSEError: every handler goes through `_fuse_errors`, so nothing
 but FUSEError ever leaves a handler (anything else would end the FUSE session).
+
+The hidden directory `.kvfs` in the root (kvfs.control describes its files) lives here, not
+in the warehouse: its inodes and file handles are numbered above anything the warehouse
+hands out, and every handler checks for them first.
 """
 
 import errno
 import functools
+import json
 import logging
 import os
 import stat
+import time
 
 import pyfuse3
 import trio
 
+from . import control
 from .errors import KvfsError
-from .meta import Inode
+from .meta import ROOT_INO, Inode
+from .warehouse import CONTROL_NAME
 
 log = logging.getLogger("kvfs.fs")
 
@@ -24,6 +32,35 @@ log = logging.getLogger("kvfs.fs")
 ENTRY_TIMEOUT = 300
 ATTR_TIMEOUT = 300
 STATFS_BSIZE = 4096  # the alignment O_DIRECT clients should use (LMCache reads f_bsize)
+
+# The control directory and its files: inode numbers the warehouse's counter never reaches.
+CTL_DIR_INO = (1 << 63) + 1
+CTL_FILE_INO = CTL_DIR_INO + 1
+STATS_INO = CTL_DIR_INO + 2
+VIRTUAL_NAMES = {control.CONTROL_FILE.encode(): CTL_FILE_INO, control.STATS_FILE.encode(): STATS_INO}
+VIRTUAL_MODES = {
+    CTL_DIR_INO: stat.S_IFDIR | 0o755,
+    CTL_FILE_INO: stat.S_IFREG | 0o600,  # root and the daemon's user only
+    STATS_INO: stat.S_IFREG | 0o444,
+}
+VIRTUAL_FH = 1 << 62  # handles of open control files count up from here
+
+
+def _virtual(ino: int) -> bool:
+    return ino >= CTL_DIR_INO
+
+
+def _reserved(parent: int, name: bytes) -> bool:
+    """Names that refer to the control directory or live in it: not for clients to make."""
+    return _virtual(parent) or (parent == ROOT_INO and name == CONTROL_NAME)
+
+
+class _ControlHandle:
+    def __init__(self, ino: int, content: bytes | None = None):
+        self.ino = ino
+        self.request = bytearray()
+        self.reply = content  # stats.json: the snapshot; control: set once run
+        self.ran = content is not None  # a request runs once, even if it failed
 
 
 def _fuse_errors(fn):
@@ -62,8 +99,32 @@ class Operations(pyfuse3.Operations):
         self.wh = warehouse
         self._dirs: dict[int, int] = {}
         self._next_dir_fh = 1
+        self._ctl: dict[int, _ControlHandle] = {}
+        self._next_ctl_fh = VIRTUAL_FH
+        self._started = time.time_ns()
+        warehouse.on_removed = self._removed
 
-    def _entry(self, inode: Inode, ref: bool = True) -> pyfuse3.EntryAttributes:
+    @staticmethod
+    def _removed(entries):
+        """The warehouse removed names by itself (eviction, expiry, retire): the kernel
+        must drop what it caches of them, or it would answer for files that are gone."""
+        for parent, name, ino in entries:
+            pyfuse3.invalidate_entry_async(parent, name, deleted=ino, ignore_enoent=True)
+
+    def _virtual_entry(self, ino: int) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = ino
+        e.entry_timeout = ENTRY_TIMEOUT
+        e.attr_timeout = 1  # stats.json changes
+        e.st_mode = VIRTUAL_MODES[ino]
+        e.st_nlink = 2 if ino == CTL_DIR_INO else 1
+        e.st_uid = os.getuid()
+        e.st_gid = os.getgid()
+        e.st_blksize = 4096
+        e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = self._started
+        return e
+
+    def _entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         e.st_ino = inode.ino
         e.generation = 0
@@ -80,35 +141,27 @@ class Operations(pyfuse3.Operations):
         e.st_atime_ns = inode.atime_ns
         e.st_mtime_ns = inode.mtime_ns
         e.st_ctime_ns = inode.ctime_ns
-        if ref:
-            self.wh.ref(inode.ino)
         return e
 
     # -- namespace ------------------------------------------------------------------
 
     @_fuse_errors
     async def lookup(self, parent_inode, name, ctx=None):
-        try:
-            return self._entry(self.wh.lookup(parent_inode, name))
-        except KvfsError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
+        if _reserved(parent_inode, name):
+            ino = CTL_DIR_INO if parent_inode == ROOT_INO else VIRTUAL_NAMES.get(name)
+            if ino is not None:
+                return self._virtual_entry(ino)
+        else:
+            try:
+                return self._entry(self.wh.lookup(parent_inode, name))
+            except KvfsError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
         # Cache the miss in the kernel: clients probe for names that mostly don't exist.
         e = pyfuse3.EntryAttributes()
         e.st_ino = 0
         e.entry_timeout = ENTRY_TIMEOUT
         return e
-
-    async def forget(self, inode_list):
-        # forget has no reply: an exception here would end the FUSE session (and the
-        # mount), so each inode is handled on its own and failures are only logged.
-        for ino, n in inode_list:
-            try:
-                self.wh.forget(ino, n)
-            except Exception:
-                log.exception("forget of inode %d failed; its space is reclaimed by fsck/gc", ino)
-        if self.wh.discarded:
-            self._invalidate_discarded()
 
     def _invalidate_discarded(self):
         """Tell the kernel to drop pages and attributes of inodes whose unpublished
@@ -125,10 +178,17 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def getattr(self, inode, ctx=None):
-        return self._entry(self.wh.getattr(inode), ref=False)
+        if _virtual(inode):
+            return self._virtual_entry(inode)
+        return self._entry(self.wh.getattr(inode))
 
     @_fuse_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
+        if _virtual(inode):
+            # Truncating the control file (a shell's `>`) is allowed and means nothing.
+            if inode == CTL_FILE_INO and fields.update_size and attr.st_size == 0:
+                return self._virtual_entry(inode)
+            raise pyfuse3.FUSEError(errno.EPERM)
         kw = {}
         if fields.update_size:
             kw["size"] = attr.st_size
@@ -142,7 +202,7 @@ class Operations(pyfuse3.Operations):
             kw["atime_ns"] = attr.st_atime_ns
         if fields.update_mtime:
             kw["mtime_ns"] = attr.st_mtime_ns
-        return self._entry(self.wh.setattr(inode, **kw), ref=False)
+        return self._entry(self.wh.setattr(inode, **kw))
 
     @_fuse_errors
     async def readlink(self, inode, ctx):
@@ -150,30 +210,43 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        self._refuse(parent_inode, name)
         return self._entry(self.wh.mknod(parent_inode, name, mode, ctx.uid, ctx.gid, rdev))
 
     @_fuse_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
+        self._refuse(parent_inode, name)
         return self._entry(self.wh.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
 
     @_fuse_errors
     async def symlink(self, parent_inode, name, target, ctx):
+        self._refuse(parent_inode, name)
         return self._entry(self.wh.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
 
     @_fuse_errors
     async def link(self, inode, new_parent_inode, new_name, ctx):
+        self._refuse(new_parent_inode, new_name, inode)
         return self._entry(self.wh.link(inode, new_parent_inode, new_name))
 
     @_fuse_errors
     async def unlink(self, parent_inode, name, ctx):
+        self._refuse(parent_inode, name)
         self.wh.unlink(parent_inode, name)
 
     @_fuse_errors
     async def rmdir(self, parent_inode, name, ctx):
+        self._refuse(parent_inode, name)
         self.wh.rmdir(parent_inode, name)
+
+    @staticmethod
+    def _refuse(parent: int, name: bytes, ino: int = 0) -> None:
+        if _reserved(parent, name) or _virtual(ino):
+            raise pyfuse3.FUSEError(errno.EPERM)
 
     @_fuse_errors
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        self._refuse(parent_inode_old, name_old)
+        self._refuse(parent_inode_new, name_new)
         wflags = 0
         if flags & pyfuse3.RENAME_NOREPLACE:
             wflags |= 1
@@ -183,7 +256,7 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def opendir(self, inode, ctx):
-        ino = self.wh.getattr(inode).ino
+        ino = inode if inode == CTL_DIR_INO else self.wh.getattr(inode).ino
         fh = self._next_dir_fh
         self._next_dir_fh += 1
         self._dirs[fh] = ino
@@ -192,14 +265,18 @@ class Operations(pyfuse3.Operations):
     @_fuse_errors
     async def readdir(self, fh, start_id, token):
         ino = self._dirs[fh]
+        if ino == CTL_DIR_INO:
+            for off, (name, vino) in enumerate(VIRTUAL_NAMES.items(), 1):
+                if off > start_id and not pyfuse3.readdir_reply(token, name, self._virtual_entry(vino), off):
+                    return
+            return
         while True:
             batch = self.wh.readdir(ino, start_id)
             if not batch:
                 return
             for name, inode, entry_id in batch:
-                if not pyfuse3.readdir_reply(token, name, self._entry(inode, ref=False), entry_id):
+                if not pyfuse3.readdir_reply(token, name, self._entry(inode), entry_id):
                     return
-                self.wh.ref(inode.ino)
                 start_id = entry_id
 
     @_fuse_errors
@@ -227,21 +304,29 @@ class Operations(pyfuse3.Operations):
 
     # -- extended attributes ----------------------------------------------------------
 
+    # user.kvfs.pin and user.kvfs.ttl on a directory walk its subtree: in a thread.
+
     @_fuse_errors
     async def setxattr(self, inode, name, value, ctx):
-        self.wh.setxattr(inode, name, value)
+        self._refuse(0, b"", inode)
+        await trio.to_thread.run_sync(self.wh.setxattr, inode, name, value)
 
     @_fuse_errors
     async def getxattr(self, inode, name, ctx):
+        if _virtual(inode):
+            raise pyfuse3.FUSEError(errno.ENODATA)
         return self.wh.getxattr(inode, name)
 
     @_fuse_errors
     async def listxattr(self, inode, ctx):
+        if _virtual(inode):
+            return []
         return self.wh.listxattr(inode)
 
     @_fuse_errors
     async def removexattr(self, inode, name, ctx):
-        self.wh.removexattr(inode, name)
+        self._refuse(0, b"", inode)
+        await trio.to_thread.run_sync(self.wh.removexattr, inode, name)
 
     # -- files --------------------------------------------------------------------------
 
@@ -252,8 +337,36 @@ class Operations(pyfuse3.Operations):
         # several large requests in flight.
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
+    async def _open_control(self, inode, flags, ctx) -> pyfuse3.FileInfo:
+        if inode == CTL_DIR_INO:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if inode == CTL_FILE_INO:
+            if ctx.uid not in (0, os.getuid()):
+                raise pyfuse3.FUSEError(errno.EACCES)
+            handle = _ControlHandle(inode)
+        else:
+            if flags & os.O_ACCMODE != os.O_RDONLY:
+                raise pyfuse3.FUSEError(errno.EACCES)
+            stats = await trio.to_thread.run_sync(self.wh.stats)
+            handle = _ControlHandle(inode, json.dumps(stats, indent=1).encode() + b"\n")
+        fh = self._next_ctl_fh
+        self._next_ctl_fh += 1
+        self._ctl[fh] = handle
+        # Contents are made per open: the kernel must ask for them, not cache them.
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+
+    async def _run_control(self, handle: _ControlHandle) -> bytes:
+        if not handle.ran:
+            handle.ran = True
+            handle.reply = await trio.to_thread.run_sync(control.handle, self.wh, bytes(handle.request))
+        if handle.reply is None:
+            raise pyfuse3.FUSEError(errno.EIO)  # it failed, and that was reported then
+        return handle.reply
+
     @_fuse_errors
     async def open(self, inode, flags, ctx):
+        if _virtual(inode):
+            return await self._open_control(inode, flags, ctx)
         acc = flags & os.O_ACCMODE
         write = acc in (os.O_WRONLY, os.O_RDWR)
         fh = self.wh.open(inode, write=write, append=bool(flags & os.O_APPEND))
@@ -267,6 +380,7 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
+        self._refuse(parent_inode, name)
         if not stat.S_ISREG(mode) and stat.S_IFMT(mode) != 0:
             raise pyfuse3.FUSEError(errno.EINVAL)
         fh, inode = self.wh.create(parent_inode, name, mode, ctx.uid, ctx.gid)
@@ -274,20 +388,49 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def read(self, fh, off, size):
+        if fh >= VIRTUAL_FH:
+            reply = await self._run_control(self._ctl[fh])
+            return reply[off:off + size]
         return await trio.to_thread.run_sync(self.wh.read, fh, off, size)
 
     @_fuse_errors
     async def write(self, fh, off, buf):
+        if fh >= VIRTUAL_FH:
+            handle = self._ctl[fh]
+            if handle.ino != CTL_FILE_INO:
+                raise pyfuse3.FUSEError(errno.EBADF)
+            if handle.ran:  # a new request on the same open file
+                handle.request.clear()
+                handle.reply = None
+                handle.ran = False
+            if len(handle.request) + len(buf) > control.MAX_REQUEST:
+                raise pyfuse3.FUSEError(errno.EFBIG)
+            handle.request += buf
+            return len(buf)
         return self.wh.write(fh, off, buf)
 
     @_fuse_errors
     async def flush(self, fh):
+        if fh >= VIRTUAL_FH:
+            # A request written and never read back (echo ... > .kvfs/control) runs at
+            # close, so that its failure still reaches the writer.
+            handle = self._ctl[fh]
+            if handle.request and not handle.ran:
+                reply = json.loads(await self._run_control(handle))
+                if not reply["ok"]:
+                    raise pyfuse3.FUSEError(reply.get("errno", errno.EIO))
+            return
         self.wh.flush(fh)
 
     @_fuse_errors
     async def fsync(self, fh, datasync):
+        if fh >= VIRTUAL_FH:
+            return
         await trio.to_thread.run_sync(self.wh.fsync, fh, datasync)
 
     @_fuse_errors
     async def release(self, fh):
+        if fh >= VIRTUAL_FH:
+            self._ctl.pop(fh, None)
+            return
         self.wh.release(fh)

@@ -1,9 +1,15 @@
-"""kvfs fsck: check an unmounted warehouse against the invariants of its schema.
+"""kvfs fsck and kvfs gc: check a warehouse against the invariants of its schema.
 
 One `check_*` method per invariant; each records problems in `self.problems` (and
 `found_errors`). With repair=True, fixes are made in the same write transaction: reference
 counts are recomputed from the block maps, leaked extents go back to the free map, entries
-that point nowhere are dropped. Nothing that is intact is touched.
+that point nowhere are dropped, derived indexes are rebuilt. Nothing that is intact is
+touched. Extents that a repair frees are listed in `self.freed`, so that a running mount
+(gc) can give them to its allocator too.
+
+`gc()` is the part of this that reclaims space, for a mounted warehouse as well as an
+unmounted one: it scans a snapshot without holding the warehouse, and only if it found
+something (and was asked to delete) scans again under the warehouse's lock and repairs.
 """
 
 import collections
@@ -11,6 +17,7 @@ import json
 import os
 import stat
 import sys
+import time
 
 from . import codec as codecs
 from . import meta as M
@@ -19,15 +26,21 @@ from .store import DATA_START, round_up
 from .warehouse import Warehouse
 
 
+DEFAULT_GC_GRACE = 300.0  # seconds: unlinked or unfinished inodes younger than this stay
+
+
 class Fsck:
-    def __init__(self, wh: Warehouse, txn, repair: bool = False, progress=None):
+    def __init__(self, wh: Warehouse, txn, repair: bool = False, progress=None,
+                 held: frozenset[bytes] | set[bytes] = frozenset()):
         self.wh = wh
         self.meta = wh.meta
         self.db = wh.meta.db
         self.txn = txn
         self.repair = repair
+        self.held = held  # on a running mount: blocks that open writers hold at refcount 0
         self.problems: list[str] = []
         self.repaired = 0
+        self.freed: list[tuple[int, int, int]] = []  # (device, offset, length) repairs freed
         self.stats = collections.Counter()
         self.progress = progress or (lambda msg: None)
 
@@ -45,6 +58,8 @@ class Fsck:
         self.check_entries()
         self.progress("checking inodes and link counts")
         self.check_inodes()
+        self.progress("checking the eviction indexes")
+        self.check_indexes()
         self.progress("checking block references")
         self.check_refcounts()
         self.progress("checking extents and free space")
@@ -76,6 +91,11 @@ class Fsck:
                 self.problem(f"entry {name!r} in {parent} has no readdir record", fix)
                 if fix:
                     txn.put(M.dirent_key(parent, entry_id), name, db=db["dirents"])
+            if txn.get(M.link_key(ino, parent, name), db=db["links"]) is None:
+                fix = self.repair
+                self.problem(f"entry {name!r} in {parent} has no link record", fix)
+                if fix:
+                    self.meta.add_link(txn, ino, parent, name)
             self.links[ino] += 1
             if stat.S_ISDIR(child.mode):
                 self.subdirs[parent] += 1
@@ -87,10 +107,19 @@ class Fsck:
                 self.problem(f"stale readdir record {name!r} in {parent}", fix)
                 if fix:
                     txn.delete(key, db=db["dirents"])
+        for key, _ in list(txn.cursor(db=db["links"])):
+            ino, parent, name = M.parse_link_key(key)
+            raw = txn.get(M.dentry_key(parent, name), db=db["dentries"])
+            if raw is None or M.parse_dentry_val(raw)[0] != ino:
+                fix = self.repair
+                self.problem(f"stale link record of inode {ino}: {name!r} in {parent}", fix)
+                if fix:
+                    txn.delete(key, db=db["links"])
 
     def check_inodes(self) -> None:
         txn, db = self.txn, self.db
         orphans = {M.parse_u64(k) for k, _ in txn.cursor(db=db["orphans"])}
+        retiring = {M.parse_u64(k) for k, _ in txn.cursor(db=db["retiring"])}
         for key, val in list(txn.cursor(db=db["inodes"])):
             inode = M.Inode.unpack(M.parse_u64(key), val)
             self.stats["inodes"] += 1
@@ -101,8 +130,8 @@ class Fsck:
             else:
                 expect = self.links[inode.ino]
             if expect == 0 and inode.ino != M.ROOT_INO:
-                if inode.ino in orphans:
-                    continue  # unlinked while open: recovery purges it
+                if inode.ino in orphans or inode.ino in retiring:
+                    continue  # unlinked while open (recovery purges it) or being retired
                 fix = self.repair
                 self.problem(f"inode {inode.ino} is in no directory (lost)", fix)
                 if fix:
@@ -115,13 +144,36 @@ class Fsck:
                 if fix:
                     inode.nlink = expect
                     self.meta.put_inode(txn, inode)
-        for name in ("orphans", "incomplete", "symlinks"):
+        for name in ("orphans", "incomplete", "symlinks", "retiring"):
             for key, _ in list(txn.cursor(db=db[name])):
                 if txn.get(key, db=db["inodes"]) is None:
                     fix = self.repair
                     self.problem(f"{name} record for missing inode {M.parse_u64(key)}", fix)
                     if fix:
                         txn.delete(key, db=db[name])
+
+    def check_indexes(self) -> None:
+        """lru and expiry hold exactly the keys derived from the inodes (meta.evict_keys)."""
+        txn, db = self.txn, self.db
+        want = {"lru": set(), "expiry": set()}
+        for key, val in txn.cursor(db=db["inodes"]):
+            lru, expiry = M.evict_keys(M.Inode.unpack(M.parse_u64(key), val))
+            if lru is not None:
+                want["lru"].add(lru)
+            if expiry is not None:
+                want["expiry"].add(expiry)
+        for name, keys in want.items():
+            have = {k for k, _ in txn.cursor(db=db[name])}
+            for k in sorted(have - keys):
+                fix = self.repair
+                self.problem(f"{name} index names inode {M.parse_time_key(k)[1]} wrongly", fix)
+                if fix:
+                    txn.delete(k, db=db[name])
+            for k in sorted(keys - have):
+                fix = self.repair
+                self.problem(f"{name} index misses inode {M.parse_time_key(k)[1]}", fix)
+                if fix:
+                    txn.put(k, b"", db=db[name])
 
     def check_refcounts(self) -> None:
         txn, db = self.txn, self.db
@@ -141,15 +193,20 @@ class Fsck:
         for h, val in list(txn.cursor(db=db["blocks"])):
             rec = M.BlockRecord.unpack(val)
             self.stats["blocks"] += 1
+            if refs[h] == 0 and rec.refcount == 0 and h in self.held:
+                continue  # a file being written holds it; its commit counts it
             if rec.refcount != refs[h] or refs[h] == 0:
                 fix = self.repair
                 what = ("is referenced by no file (leaked)" if refs[h] == 0
                         else f"has refcount {rec.refcount}, counted {refs[h]}")
+                if refs[h] == 0:
+                    self.stats["leaked_bytes"] += round_up(rec.stored_len)
                 self.problem(f"block {h.hex()} {what}", fix)
                 if fix:
                     if refs[h] == 0:
                         txn.delete(h, db=db["blocks"])
                         self.meta.free_add(txn, rec.dev, rec.offset, round_up(rec.stored_len))
+                        self.freed.append((rec.dev, rec.offset, rec.stored_len))
                     else:
                         rec.refcount = refs[h]
                         self.meta.put_block(txn, h, rec)
@@ -186,10 +243,12 @@ class Fsck:
             elif pos < size:
                 leaks.append((pos, size - pos))
             for off, length in leaks:
+                self.stats["leaked_bytes"] += length
                 fix = self.repair
                 self.problem(f"device {dev}: {length} bytes at {off} leaked (neither used nor free)", fix)
                 if fix:
                     self.meta.free_add(txn, dev, off, length)
+                    self.freed.append((dev, off, length))
 
     def check_data(self) -> None:
         txn, db = self.txn, self.db
@@ -201,6 +260,51 @@ class Fsck:
                 self.stats["verified_blocks"] += 1
             except (Corrupt, KvfsError) as exc:
                 self.problem(f"block {h.hex()} on device {rec.dev} at {rec.offset}: {exc}")
+
+
+def gc(wh: Warehouse, delete: bool = False, grace: float = DEFAULT_GC_GRACE) -> dict:
+    """Find space that nothing uses, and with delete=True give it back: leaked extents,
+    block records that no file references (or that count wrong), unlinked inodes nobody
+    has open, files created and never finished. Blocks and inodes that a running mount's
+    open files use are never candidates; unlinked and unfinished inodes younger than
+    `grace` seconds are left alone (reported as young)."""
+    def scan(txn, effects):
+        repair = effects is not None
+        f = Fsck(wh, txn, repair=repair, held=wh.held_blocks())
+        now = time.time_ns()
+        young = 0
+        for dbname, what in (("orphans", "unlinked inode"), ("incomplete", "unfinished file")):
+            for key, _ in list(txn.cursor(db=f.db[dbname])):
+                ino = M.parse_u64(key)
+                inode = f.meta.get_inode(txn, ino)
+                if wh.is_open(ino) or inode is None:
+                    continue  # open: its last close frees it; missing: fsck's business
+                if now - inode.ctime_ns < grace * 1e9:
+                    young += 1
+                    continue
+                f.problem(f"{what} {ino} ({inode.size} bytes) is not open", repair)
+                if repair:
+                    before = len(effects)
+                    (wh.purge_unlinked if dbname == "orphans" else wh.drop_incomplete)(txn, ino, effects)
+                    f.freed.extend(effects[before:])
+                    del effects[before:]
+        f.check_refcounts()
+        f.check_extents()
+        if repair:
+            effects.extend(f.freed)
+        return {
+            "problems": f.problems,
+            "leaked_bytes": f.stats["leaked_bytes"],
+            "young": young,
+            "reclaimed_bytes": sum(round_up(length) for _, _, length in f.freed),
+            "deleted": repair,
+        }
+
+    with wh.meta.begin() as txn:  # a snapshot: consistent without stopping the mount
+        report = scan(txn, None)
+    if delete and report["problems"]:
+        report = wh.maintain(scan)
+    return report
 
 
 def run_fsck(args) -> int:

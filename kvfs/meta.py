@@ -5,13 +5,26 @@ Integers in keys are big-endian so that LMDB's byte order is numeric order.
     sub-database  key                                   value
     ------------  ------------------------------------  -----------------------------------------
     super         b"superblock"                         JSON: format, uuid, block_size, devices,
-                                                        compression, created
+                                                        compression, created, high_watermark,
+                                                        low_watermark (fractions of capacity)
                   b"state"                              JSON: clean, pid, mountpoint, since
     counters      name (b"next_ino", b"next_entry")     u64: next value to hand out (never reused)
+    stats         name (b"lookup_hit", b"evicted_files" u64: cumulative count over the
+                  ...)                                  warehouse's life (see Warehouse.stats)
     inodes        ino u64                               INODE struct (see Inode)
     dentries      parent u64 + name                     child ino u64 + entry id u64
     dirents       parent u64 + entry id u64             name   (readdir order; ids are stable
                                                         offsets, never reused)
+    links         ino u64 + parent u64 + name           b""  (every name of every inode: the
+                                                        reverse of dentries, for eviction)
+    lru           atime_ns u64 + ino u64                b""  (derived: the files eviction may take,
+                                                        least recently used first; see
+                                                        evict_keys)
+    expiry        (atime_ns + ttl) u64 + ino u64        b""  (derived: those of them with a ttl,
+                                                        soonest deadline first)
+    retiring      ino u64                               parent u64 + name (a directory detached by
+                                                        kvfs retire whose subtree is being
+                                                        deleted in batches)
     symlinks      ino u64                               target bytes
     xattrs        ino u64 + name                        value
     bmap          ino u64 + block index u64             block hash (16 bytes); absent = hole
@@ -24,25 +37,33 @@ Integers in keys are big-endian so that LMDB's byte order is numeric order.
     incomplete    ino u64                               parent u64 + name (a regular file created
                                                         and never flushed: recovery removes it)
 
-Invariants: a block's refcount is the number of bmap values naming it (0 only while an open
+Invariants: lru and expiry hold exactly evict_keys() of every inode (put_inode and
+delete_inode_records keep them so; nothing else writes them); links holds exactly the
+dentries, reversed. A block's refcount is the number of bmap values naming it (0 only while an open
 file that is being written holds it in memory, never after recovery); no two blocks' extents
 overlap, no block overlaps a free extent, and block extents + free extents cover each
 device's data area exactly.
 """
 
 import json
+import stat
 import struct
 from dataclasses import dataclass
 
 import lmdb
 
-FORMAT_REVISION = 1
+FORMAT_REVISION = 2
 DB_NAMES = (
     b"super",
     b"counters",
+    b"stats",
     b"inodes",
     b"dentries",
     b"dirents",
+    b"links",
+    b"lru",
+    b"expiry",
+    b"retiring",
     b"symlinks",
     b"xattrs",
     b"bmap",
@@ -57,12 +78,13 @@ MAP_SIZE = 1 << 40  # address space only; the file grows with use
 _U64 = struct.Struct(">Q")
 _U64x2 = struct.Struct(">QQ")
 _DEV_OFF = struct.Struct(">HQ")
-_INODE = struct.Struct(">IIIIQqqqII")
+_INODE = struct.Struct(">IIIIQqqqIII")
 _BLOCK = struct.Struct(">HQIIBI")
 
 # Inode flags
 F_INCOMPLETE = 1  # created, never flushed: removed by recovery after a crash
 F_COMPRESS = 2  # new blocks of this file are zstd-compressed
+F_PINNED = 4  # never evicted or expired; on a directory, inherited by what is created in it
 
 
 def u64(n: int) -> bytes:
@@ -109,6 +131,24 @@ def parse_bmap_key(b: bytes) -> tuple[int, int]:
     return _U64x2.unpack(b)
 
 
+def link_key(ino: int, parent: int, name: bytes) -> bytes:
+    return _U64x2.pack(ino, parent) + name
+
+
+def parse_link_key(b: bytes) -> tuple[int, int, bytes]:
+    ino, parent = _U64x2.unpack(b[:16])
+    return ino, parent, b[16:]
+
+
+def time_key(t_ns: int, ino: int) -> bytes:
+    """Key of the lru and expiry indexes: a time (clamped to the epoch), then the inode."""
+    return _U64x2.pack(min(max(t_ns, 0), (1 << 64) - 1), ino)
+
+
+def parse_time_key(b: bytes) -> tuple[int, int]:
+    return _U64x2.unpack(b)
+
+
 def free_key(dev: int, offset: int) -> bytes:
     return _DEV_OFF.pack(dev, offset)
 
@@ -130,16 +170,29 @@ class Inode:
     ctime_ns: int
     rdev: int = 0
     flags: int = 0
+    ttl: int = 0  # seconds after the last access that the file expires; 0: never
 
     def pack(self) -> bytes:
         return _INODE.pack(
             self.mode, self.nlink, self.uid, self.gid, self.size,
-            self.atime_ns, self.mtime_ns, self.ctime_ns, self.rdev, self.flags,
+            self.atime_ns, self.mtime_ns, self.ctime_ns, self.rdev, self.flags, self.ttl,
         )
 
     @classmethod
     def unpack(cls, ino: int, b: bytes) -> "Inode":
         return cls(ino, *_INODE.unpack(b))
+
+
+def evict_keys(inode: Inode | None) -> tuple[bytes | None, bytes | None]:
+    """The (lru, expiry) index keys of an inode. Only complete, linked, unpinned regular
+    files may be evicted; of those, the ones with a ttl also expire. The access time is
+    the eviction clock (utime(2) moves a file in the order, as it should)."""
+    if (inode is None or not stat.S_ISREG(inode.mode) or inode.nlink == 0
+            or inode.flags & (F_INCOMPLETE | F_PINNED)):
+        return None, None
+    lru = time_key(inode.atime_ns, inode.ino)
+    expiry = time_key(inode.atime_ns + inode.ttl * 1_000_000_000, inode.ino) if inode.ttl else None
+    return lru, expiry
 
 
 @dataclass
@@ -183,7 +236,13 @@ class Meta:
         )
         self.db = {}
         for name in DB_NAMES:
-            self.db[name.decode()] = self.env.open_db(name, create=not readonly)
+            try:
+                self.db[name.decode()] = self.env.open_db(name, create=not readonly)
+            except lmdb.NotFoundError:
+                # Read-only open of another format revision: the superblock check of the
+                # caller says what is wrong (it needs only b"super").
+                if name == b"super":
+                    raise
 
     def begin(self, write: bool = False) -> lmdb.Transaction:
         return self.env.begin(write=write)
@@ -209,12 +268,41 @@ class Meta:
         txn.put(name, u64(value + 1), db=self.db["counters"])
         return value
 
+    def get_stats(self, txn) -> dict[str, int]:
+        return {k.decode(): parse_u64(v) for k, v in txn.cursor(db=self.db["stats"])}
+
+    def put_stats(self, txn, stats: dict[str, int]) -> None:
+        for name, value in stats.items():
+            txn.put(name.encode(), u64(value), db=self.db["stats"])
+
     def get_inode(self, txn, ino: int) -> Inode | None:
         raw = txn.get(ino_key(ino), db=self.db["inodes"])
         return None if raw is None else Inode.unpack(ino, raw)
 
     def put_inode(self, txn, inode: Inode) -> None:
-        txn.put(ino_key(inode.ino), inode.pack(), db=self.db["inodes"])
+        """Store an inode and keep the eviction indexes derived from it in step."""
+        key = ino_key(inode.ino)
+        raw = txn.get(key, db=self.db["inodes"])
+        self._reindex(txn, Inode.unpack(inode.ino, raw) if raw is not None else None, inode)
+        txn.put(key, inode.pack(), db=self.db["inodes"])
+
+    def _reindex(self, txn, old: Inode | None, new: Inode | None) -> None:
+        for dbname, o, n in zip(("lru", "expiry"), evict_keys(old), evict_keys(new)):
+            if o != n:
+                if o is not None:
+                    txn.delete(o, db=self.db[dbname])
+                if n is not None:
+                    txn.put(n, b"", db=self.db[dbname])
+
+    def add_link(self, txn, ino: int, parent: int, name: bytes) -> None:
+        txn.put(link_key(ino, parent, name), b"", db=self.db["links"])
+
+    def remove_link(self, txn, ino: int, parent: int, name: bytes) -> None:
+        txn.delete(link_key(ino, parent, name), db=self.db["links"])
+
+    def names_of(self, txn, ino: int) -> list[tuple[int, bytes]]:
+        """Every (parent, name) under which inode `ino` is linked."""
+        return [parse_link_key(k)[1:] for k, _ in self.iter_prefix(txn, "links", ino_key(ino))]
 
     def get_block(self, txn, h: bytes) -> BlockRecord | None:
         raw = txn.get(h, db=self.db["blocks"])
@@ -237,13 +325,15 @@ class Meta:
         """Delete every record of inode `ino`; return the block hashes its map named
         (the caller decides what happens to their reference counts)."""
         prefix = ino_key(ino)
+        self._reindex(txn, self.get_inode(txn, ino), None)
         hashes = []
         for key, val in list(self.iter_prefix(txn, "bmap", prefix)):
             txn.delete(key, db=self.db["bmap"])
             hashes.append(val)
-        for key, _ in list(self.iter_prefix(txn, "xattrs", prefix)):
-            txn.delete(key, db=self.db["xattrs"])
-        for name in ("symlinks", "orphans", "incomplete", "inodes"):
+        for dbname in ("xattrs", "links"):
+            for key, _ in list(self.iter_prefix(txn, dbname, prefix)):
+                txn.delete(key, db=self.db[dbname])
+        for name in ("symlinks", "orphans", "incomplete", "retiring", "inodes"):
             txn.delete(prefix, db=self.db[name])
         return hashes
 

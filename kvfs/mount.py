@@ -21,6 +21,7 @@ from .warehouse import LOCK_FILE, LOG_FILE, Warehouse, lock_holder
 log = logging.getLogger("kvfs.mount")
 
 CHECKPOINT_INTERVAL = 5.0  # seconds; bounds what a power cut can take (like ext4 commit=5)
+HOUSEKEEPING_INTERVAL = 1.0  # seconds between looks for expired files and retired trees
 READ_AHEAD_KB = 4096
 # Mount options that belong to kvfs rather than to FUSE / the kernel.
 KVFS_OPTIONS = {"compress", "durability"}
@@ -122,6 +123,33 @@ def serve(warehouse: str, mountpoint: str, fuse_opts: set[str], kvfs_opts: dict[
             except Exception:
                 log.exception("checkpoint failed; retrying in %.0f s", CHECKPOINT_INTERVAL)
 
+    async def evictor():
+        # Keeps use under the high watermark ahead of the writers, which evict inline only
+        # when they find no room at all. Woken by the warehouse when use passes the high
+        # watermark, and once a second anyway (a tune, a mount of a full warehouse).
+        while True:
+            await trio.to_thread.run_sync(wh.pressure.wait, 1.0, abandon_on_cancel=True)
+            wh.pressure.clear()
+            if not wh.over_high_watermark():
+                continue
+            try:
+                files, _ = await trio.to_thread.run_sync(wh.evict_to_low_watermark)
+            except Exception:
+                log.exception("eviction failed; retrying")
+                files = 0
+            if not files:  # everything left is pinned or open: wait for that to change
+                await trio.sleep(0.5)
+
+    async def housekeeper():
+        while True:
+            try:
+                await trio.to_thread.run_sync(wh.expire)
+                while await trio.to_thread.run_sync(wh.reap):
+                    pass
+            except Exception:
+                log.exception("housekeeping (expiry, retire) failed; retrying")
+            await trio.sleep(HOUSEKEEPING_INTERVAL)
+
     async def signals():
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as it:
             async for sig in it:
@@ -142,6 +170,9 @@ def serve(warehouse: str, mountpoint: str, fuse_opts: set[str], kvfs_opts: dict[
     async def main():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(checkpoints)
+            if not wh.readonly:
+                nursery.start_soon(evictor)
+                nursery.start_soon(housekeeper)
             nursery.start_soon(after_init)
             nursery.start_soon(signals)
             recovered = ""
@@ -210,6 +241,29 @@ def _unescape(s: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
 
 
+def _mount_entries() -> list[dict]:
+    """Every kvfs mount in /proc/self/mountinfo, most recent last."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        rfields = right.split()
+        if len(fields) < 6 or len(rfields) < 2 or rfields[0] != "fuse.kvfs":
+            continue
+        out.append({"mountpoint": _unescape(fields[4]), "source": _unescape(rfields[1]),
+                    "options": fields[5], "dev": fields[2]})
+    return out
+
+
+def kvfs_mounts() -> list[str]:
+    return [e["mountpoint"] for e in _mount_entries()]
+
+
 def find_mount(mountpoint: str, resolve: bool = True) -> dict | None:
     """The /proc/self/mountinfo entry of a kvfs mount at `mountpoint`, if any."""
     target = os.path.abspath(mountpoint)
@@ -218,21 +272,9 @@ def find_mount(mountpoint: str, resolve: bool = True) -> dict | None:
             target = os.path.realpath(mountpoint)
         except OSError:
             pass
-    try:
-        with open("/proc/self/mountinfo") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        left, _, right = line.partition(" - ")
-        fields = left.split()
-        rfields = right.split()
-        if len(fields) < 5 or len(rfields) < 2:
-            continue
-        mp = _unescape(fields[4])
-        if mp == target and rfields[0] == "fuse.kvfs":
-            return {"mountpoint": mp, "source": _unescape(rfields[1]), "options": fields[5],
-                    "dev": fields[2]}
+    for entry in reversed(_mount_entries()):
+        if entry["mountpoint"] == target:
+            return entry
     return None
 
 

@@ -210,6 +210,7 @@ class DeviceSet:
         self.devices = devices
         self.free = [FreeMap() for _ in devices]
         self._lock = threading.Lock()
+        self._readers_done = threading.Condition(self._lock)
         # Freed extents wait here until no read that started before the free is running.
         self._generation = 0
         self._readers: dict[int, int] = {}
@@ -217,15 +218,28 @@ class DeviceSet:
         # next checkpoint made it durable, or a power cut could revert the metadata to
         # point at an overwritten extent.
         self._deferred: list[tuple[int, int, int, int, int]] = []
+        self.deferred_bytes = 0
         self._checkpoints = 0
-
-    @property
-    def capacity(self) -> int:
-        return sum(d.size - DATA_START for d in self.devices)
+        self.capacity = sum(d.size - DATA_START for d in devices)
 
     @property
     def free_bytes(self) -> int:
-        return sum(f.free_bytes for f in self.free) + sum(d[4] for d in self._deferred)
+        """Free now or once pending frees are reusable: what statfs and watermarks count."""
+        return sum(f.free_bytes for f in self.free) + self.deferred_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        return self.capacity - self.free_bytes
+
+    def wait_readers(self, timeout: float) -> bool:
+        """Wait until frees held back only by running reads are reusable; False if none
+        are held back by reads, or the wait timed out."""
+        with self._lock:
+            if not any(ckpt < self._checkpoints for _, ckpt, *_ in self._deferred):
+                return False
+            before = self.deferred_bytes
+            self._readers_done.wait_for(lambda: self.deferred_bytes < before, timeout)
+            return self.deferred_bytes < before
 
     def allocate(self, length: int, prefer: int) -> tuple[int, int] | None:
         length = round_up(length)
@@ -245,6 +259,7 @@ class DeviceSet:
         with self._lock:
             ckpt = self._checkpoints if durable else -1
             self._deferred.append((self._generation, ckpt, dev, offset, round_up(length)))
+            self.deferred_bytes += round_up(length)
             self._generation += 1
             self._reclaim_locked()
 
@@ -276,9 +291,12 @@ class DeviceSet:
             gen, ckpt, dev, off, length = item
             if (oldest is None or gen < oldest) and ckpt < self._checkpoints:
                 self.free[dev].add(off, length)
+                self.deferred_bytes -= length
             else:
                 keep.append(item)
-        self._deferred = keep
+        if len(keep) != len(self._deferred):
+            self._deferred = keep
+            self._readers_done.notify_all()
 
     def sync(self) -> None:
         for d in self.devices:

@@ -8,9 +8,17 @@ file's block map at them, adjusts reference counts and takes the new extents out
 persistent free map. A crash before the commit leaves the previous version of the file (or,
 for a file created and never closed, nothing: recovery removes it).
 
-Blocks that an uncommitted file refers to are "pinned" in memory, so a concurrent unlink
+Blocks that an uncommitted file refers to are "held" in memory, so a concurrent unlink
 that drops the last committed reference keeps the record (with refcount 0) until the commit
-takes it or the pin goes away; recovery frees whatever is left at refcount 0.
+takes it or the hold goes away; recovery frees whatever is left at refcount 0.
+
+Capacity: the warehouse is a cache. Above the high watermark the least recently used
+unpinned files are evicted (names removed, data freed once nobody has them open) until use
+is under the low watermark: in the background (evict_to_low_watermark, driven by the mount
+daemon) and inline when a write finds no room. Access times are kept in memory and written
+in batches at checkpoints; they are the eviction clock (the lru and expiry indexes of
+kvfs.meta). Files under a directory with a ttl expire that long after their last access.
+`kvfs retire` detaches a subtree at once and deletes it in short batches.
 
 Read path: every block read from a device is verified against its hash before a byte of it
 is returned; a mismatch raises Corrupt (EIO) and is remembered.
@@ -61,6 +69,15 @@ XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
 MAX_FILE_SIZE = 1 << 50
 DEFAULT_BLOCK_SIZE = 1 << 20
+DEFAULT_HIGH_WATERMARK = 0.90  # fractions of capacity: evict above high, down to low
+DEFAULT_LOW_WATERMARK = 0.80
+ACCESS_GRANULARITY_NS = 1_000_000_000  # an access time moves only if it moved this much
+EVICT_BATCH = 128  # files removed per metadata transaction by eviction and expiry
+INLINE_EVICT_BYTES = 32 << 20  # a writer that finds no room evicts at least this much
+REAP_BATCH = 512  # entries deleted per transaction by retire
+CONTROL_NAME = b".kvfs"  # the control directory in the mount's root (kvfs.fs serves it)
+PIN_XATTR = b"user.kvfs.pin"
+TTL_XATTR = b"user.kvfs.ttl"
 BLOCK_CACHE_BYTES = 64 << 20
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -107,6 +124,7 @@ class OpenFile:
         self.size = size
         self.codec = codec
         self.handles = 0
+        self.writers = 0  # handles open for writing: the file is never evicted meanwhile
         self.dirty: dict[int, bytearray] = {}  # partially written blocks, in memory
         self.changes: dict[int, Pending | None] = {}  # stored blocks; None: a hole
         self.trunc_blocks: int | None = None  # committed blocks from here on are dropped
@@ -129,11 +147,17 @@ class Warehouse:
     @staticmethod
     def mkfs(path: str, devices: list[tuple[str, int | None]] | None = None,
                size: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
-               compression: str = "none", force: bool = False) -> dict:
+               compression: str = "none", force: bool = False,
+               high_watermark: float = DEFAULT_HIGH_WATERMARK,
+               low_watermark: float = DEFAULT_LOW_WATERMARK) -> dict:
         """Make a new warehouse (kvfs mkfs). Returns its superblock."""
         path = os.path.abspath(path)
         if block_size < 4096 or block_size > (16 << 20) or block_size & (block_size - 1):
             raise QuietError(f"block size {block_size} must be a power of two from 4 KiB to 16 MiB", EXIT_USAGE)
+        try:
+            check_watermarks(high_watermark, low_watermark)
+        except Invalid as exc:
+            raise QuietError(str(exc), EXIT_USAGE) from None
         if compression not in codecs.CODEC_NAMES:
             raise QuietError(f"unknown codec {compression!r}", EXIT_USAGE)
         meta_dir = os.path.join(path, META_DIR)
@@ -159,6 +183,8 @@ class Warehouse:
             "devices": devs,
             "compression": compression,
             "created": time.time(),
+            "high_watermark": high_watermark,
+            "low_watermark": low_watermark,
         }
         meta = M.Meta(meta_dir)
         try:
@@ -201,8 +227,7 @@ class Warehouse:
         self._handles: dict[int, Handle] = {}
         self._next_fh = 1
         self._open: dict[int, OpenFile] = {}
-        self._kernel_refs: dict[int, int] = collections.Counter()
-        self._pins: dict[bytes, int] = collections.Counter()
+        self._held: dict[bytes, int] = collections.Counter()
         self._cache: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
         self._cache_bytes = 0
         self._cache_lock = threading.Lock()
@@ -210,9 +235,17 @@ class Warehouse:
         # Inodes whose unpublished changes were dropped: a client (the kernel) may cache
         # bytes or attributes that are no longer true and must be told (take_discarded).
         self.discarded: set[int] = set()
-        self.counters = collections.Counter()
+        self.counters = collections.Counter()  # since this open; stats() adds the past
         self.default_codec = codecs.codec_by_name(compression or self.sb.get("compression", "none"))
         self.recovery: dict | None = None
+        self.high_watermark = self.sb.get("high_watermark", DEFAULT_HIGH_WATERMARK)
+        self.low_watermark = self.sb.get("low_watermark", DEFAULT_LOW_WATERMARK)
+        self._accessed: dict[int, int] = {}  # ino -> ns: access times not yet written
+        # Set when use passes the high watermark: the mount daemon's evictor waits on it.
+        self.pressure = threading.Event()
+        # Called (outside any lock) with [(parent, name, ino)] of names that the warehouse
+        # removed by itself (eviction, expiry, retire): the FUSE layer tells the kernel.
+        self.on_removed = None
         try:
             if not readonly:
                 with self.meta.begin(write=True) as txn:
@@ -234,6 +267,8 @@ class Warehouse:
                         EXIT_NEEDS_FSCK,
                     )
             self._load_free_maps()  # after recovery: it frees extents in the persistent map
+            with self.meta.begin() as txn:
+                self._stats_base = self.meta.get_stats(txn)
         except BaseException:
             self.devices.close()
             self.meta.close()
@@ -285,30 +320,57 @@ class Warehouse:
         report = {"incomplete_files": 0, "orphans": 0, "unreferenced_blocks": 0}
         effects: list = []
         db = self.meta.db
-        for key, val in list(txn.cursor(db=db["incomplete"])):
-            ino = M.parse_u64(key)
-            parent = M.parse_u64(val[:8])
-            name = val[8:]
-            dv = txn.get(M.dentry_key(parent, name), db=db["dentries"])
-            if dv is not None and M.parse_dentry_val(dv)[0] == ino:
-                self._remove_entry(txn, parent, name)
-            txn.delete(key, db=db["incomplete"])
-            inode = self.meta.get_inode(txn, ino)
-            if inode is not None:
-                inode.nlink = max(0, inode.nlink - 1)
-                if inode.nlink == 0:
-                    self._purge_inode(txn, ino, effects, collections.Counter())
-                else:
-                    self.meta.put_inode(txn, inode)
+        for key, _ in list(txn.cursor(db=db["incomplete"])):
+            self.drop_incomplete(txn, M.parse_u64(key), effects)
             report["incomplete_files"] += 1
         report["orphans"] = self._purge_orphans(txn, effects)
         for key, val in list(txn.cursor(db=db["blocks"])):
             rec = M.BlockRecord.unpack(val)
-            if rec.refcount == 0:  # nothing is pinned at open: _settle frees it
+            if rec.refcount == 0:  # nothing is held at open: _settle frees it
                 self._settle(txn, key, rec, effects, collections.Counter())
                 report["unreferenced_blocks"] += 1
         log.warning("recovered after unclean shutdown: %s", report)
         return report
+
+    def drop_incomplete(self, txn, ino: int, effects: list) -> None:
+        """Remove a file that was created and never flushed (recovery, gc)."""
+        db = self.meta.db
+        val = txn.get(M.ino_key(ino), db=db["incomplete"])
+        parent, name = M.parse_u64(val[:8]), val[8:]
+        dv = txn.get(M.dentry_key(parent, name), db=db["dentries"])
+        if dv is not None and M.parse_dentry_val(dv)[0] == ino:
+            self._remove_entry(txn, parent, name)
+        txn.delete(M.ino_key(ino), db=db["incomplete"])
+        inode = self.meta.get_inode(txn, ino)
+        if inode is not None:
+            inode.nlink = max(0, inode.nlink - 1)
+            if inode.nlink == 0:
+                self._purge_inode(txn, ino, effects, collections.Counter())
+            else:
+                self.meta.put_inode(txn, inode)
+
+    def purge_unlinked(self, txn, ino: int, effects: list) -> None:
+        """Delete an unlinked inode kept for an open file that is gone (gc)."""
+        self._purge_inode(txn, ino, effects, collections.Counter())
+
+    def is_open(self, ino: int) -> bool:
+        return ino in self._open
+
+    def held_blocks(self) -> set[bytes]:
+        """Blocks that files being written refer to before their commit."""
+        with self._lock:
+            return set(self._held)
+
+    def maintain(self, fn):
+        """Run fn(txn, effects) under the lock in one write transaction, then give back
+        the extents it listed in effects [(device, offset, length)] (gc)."""
+        self._check_writable()
+        effects: list = []
+        with self._lock:
+            with self.meta.begin(write=True) as txn:
+                result = fn(txn, effects)
+            self._apply(effects)
+        return result
 
     def close(self) -> None:
         """Commit every open file, mark the warehouse clean and release it."""
@@ -324,9 +386,11 @@ class Warehouse:
                             log.error("commit of inode %d at close failed, its unpublished "
                                       "changes are dropped: %s", of.ino, exc)
                         self._discard(of)
+                    self._flush_access()
                     # Unlinked inodes still referenced by the kernel are dropped now.
                     with self.meta.begin(write=True) as txn:
                         self._purge_orphans(txn, [])
+                        self.meta.put_stats(txn, self.stats_totals())
                         self.meta.put_json(txn, b"state", {"clean": True})
                     self.devices.sync()
                     self.meta.sync()
@@ -341,6 +405,9 @@ class Warehouse:
         with self._lock:
             if self.readonly or self._lock_fd < 0:
                 return
+            self._flush_access()
+            with self.meta.begin(write=True) as txn:
+                self.meta.put_stats(txn, self.stats_totals())
             self.devices.sync()
             self.meta.sync()
             self.devices.checkpointed()
@@ -383,6 +450,7 @@ class Warehouse:
         if not txn.put(M.dentry_key(parent, name), M.dentry_val(ino, entry_id), db=db["dentries"], overwrite=False):
             raise Exists(f"{name!r} exists")
         txn.put(M.dirent_key(parent, entry_id), name, db=db["dirents"])
+        self.meta.add_link(txn, ino, parent, name)
 
     def _remove_entry(self, txn, parent: int, name: bytes) -> int:
         db = self.meta.db
@@ -393,6 +461,7 @@ class Warehouse:
         ino, entry_id = M.parse_dentry_val(raw)
         txn.delete(key, db=db["dentries"])
         txn.delete(M.dirent_key(parent, entry_id), db=db["dirents"])
+        self.meta.remove_link(txn, ino, parent, name)
         return ino
 
     def _touch_dir(self, txn, parent: M.Inode, t: int, nlink_delta: int = 0) -> None:
@@ -401,7 +470,10 @@ class Warehouse:
         self.meta.put_inode(txn, parent)
 
     def _in_use(self, ino: int) -> bool:
-        return self._kernel_refs.get(ino, 0) > 0 or ino in self._open
+        # Only open files need an unlinked inode's data: the kernel reads and writes
+        # through open handles (mmap holds one too), so a name the kernel merely still
+        # caches does not keep space that an unlink or an eviction gave back.
+        return ino in self._open
 
     def _drop_link(self, txn, inode: M.Inode, t: int, effects: list) -> None:
         inode.nlink -= 1
@@ -416,9 +488,9 @@ class Warehouse:
         else:
             self._purge_inode(txn, inode.ino, effects, collections.Counter())
 
-    def _purge_inode(self, txn, ino: int, effects: list, unpinning) -> None:
+    def _purge_inode(self, txn, ino: int, effects: list, releasing) -> None:
         for h in self.meta.delete_inode_records(txn, ino):
-            self._decref(txn, h, effects, unpinning)
+            self._decref(txn, h, effects, releasing)
 
     def _purge_orphans(self, txn, effects: list) -> int:
         """Purge every unlinked inode that was kept for a reference now gone."""
@@ -427,7 +499,7 @@ class Warehouse:
             self._purge_inode(txn, ino, effects, collections.Counter())
         return len(orphans)
 
-    def _decref(self, txn, h: bytes, effects: list, unpinning) -> None:
+    def _decref(self, txn, h: bytes, effects: list, releasing) -> None:
         rec = self.meta.get_block(txn, h)
         if rec is None or rec.refcount == 0:
             # Metadata was already inconsistent: there is nothing to free. Failing here
@@ -436,11 +508,11 @@ class Warehouse:
             log.error("block %s: a reference was dropped that was not counted; run kvfs fsck --repair", h.hex())
             return
         rec.refcount -= 1
-        self._settle(txn, h, rec, effects, unpinning)
+        self._settle(txn, h, rec, effects, releasing)
 
-    def _settle(self, txn, h: bytes, rec: M.BlockRecord, effects: list, unpinning) -> None:
+    def _settle(self, txn, h: bytes, rec: M.BlockRecord, effects: list, releasing) -> None:
         """Store `rec`, or free it if nothing refers to it and no open file pins it."""
-        if rec.refcount == 0 and self._pins.get(h, 0) - unpinning.get(h, 0) <= 0:
+        if rec.refcount == 0 and self._held.get(h, 0) - releasing.get(h, 0) <= 0:
             txn.delete(h, db=self.meta.db["blocks"])
             self.meta.free_add(txn, rec.dev, rec.offset, round_up(rec.stored_len))
             effects.append((rec.dev, rec.offset, rec.stored_len))
@@ -459,11 +531,11 @@ class Warehouse:
         t = now_ns()
         ino = self.meta.next_counter(txn, b"next_ino", M.ROOT_INO + 1)
         nlink = 2 if stat.S_ISDIR(mode) else 1
-        flags = 0
+        flags = parent.flags & M.F_PINNED  # pin and ttl are inherited from the directory
         codec = self._dir_codec(txn, parent)
         if codec == codecs.CODEC_ZSTD:
             flags |= M.F_COMPRESS
-        return M.Inode(ino, mode, nlink, uid, gid, 0, t, t, t, rdev, flags)
+        return M.Inode(ino, mode, nlink, uid, gid, 0, t, t, t, rdev, flags, parent.ttl)
 
     def _dir_codec(self, txn, parent: M.Inode) -> int:
         raw = txn.get(M.xattr_key(parent.ino, b"user.kvfs.compress"), db=self.meta.db["xattrs"])
@@ -491,20 +563,6 @@ class Warehouse:
     def getattr(self, ino: int) -> M.Inode:
         with self._lock, self.meta.begin() as txn:
             return self._live(self._get_inode(txn, ino))
-
-    def ref(self, ino: int, n: int = 1) -> None:
-        """A client (the kernel) now holds `n` more references to `ino`."""
-        with self._lock:
-            self._kernel_refs[ino] += n
-
-    def forget(self, ino: int, n: int) -> None:
-        with self._lock:
-            left = self._kernel_refs.get(ino, 0) - n
-            if left > 0:
-                self._kernel_refs[ino] = left
-                return
-            self._kernel_refs.pop(ino, None)
-            self._maybe_purge(ino)
 
     def _maybe_purge(self, ino: int) -> None:
         if self.readonly or self._in_use(ino):
@@ -637,6 +695,11 @@ class Warehouse:
                     dst_inode = self._get_inode(txn, dst[0])
                     txn.put(M.dentry_key(old_parent, old_name), M.dentry_val(dst[0], src[1]), db=db["dentries"])
                     txn.put(M.dentry_key(new_parent, new_name), M.dentry_val(src[0], dst[1]), db=db["dentries"])
+                    if src[0] != dst[0]:  # two names of one inode: its links stay as they are
+                        self.meta.remove_link(txn, src[0], old_parent, old_name)
+                        self.meta.remove_link(txn, dst[0], new_parent, new_name)
+                        self.meta.add_link(txn, src[0], new_parent, new_name)
+                        self.meta.add_link(txn, dst[0], old_parent, old_name)
                     if old_parent != new_parent:
                         delta = int(src_dir) - int(stat.S_ISDIR(dst_inode.mode))
                         opdir.nlink -= delta
@@ -745,11 +808,19 @@ class Warehouse:
                 return self._live(inode)
 
     # -- extended attributes ------------------------------------------------------------
+    #
+    # user.kvfs.pin and user.kvfs.ttl are not stored as attributes: they read and write
+    # the inode's pin flag and ttl, which the eviction indexes are derived from. Set on a
+    # directory, they apply to everything below it, now and (inherited) later.
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         with self.meta.begin() as txn:
-            self._get_inode(txn, ino)
-            val = txn.get(M.xattr_key(ino, name), db=self.meta.db["xattrs"])
+            inode = self._get_inode(txn, ino)
+            if name == PIN_XATTR and inode.flags & M.F_PINNED:
+                return b"1"
+            if name == TTL_XATTR and inode.ttl:
+                return str(inode.ttl).encode()
+            val = None if name in (PIN_XATTR, TTL_XATTR) else txn.get(M.xattr_key(ino, name), db=self.meta.db["xattrs"])
         if val is None:
             raise NoAttr(f"no attribute {name!r}")
         return val
@@ -760,6 +831,10 @@ class Warehouse:
             raise KvfsError("attribute name out of range", errno.ERANGE)
         if len(value) > XATTR_SIZE_MAX:
             raise KvfsError("attribute value too large", errno.E2BIG)
+        if name == PIN_XATTR:
+            return self.set_pin(ino, _parse_flag(value))
+        if name == TTL_XATTR:
+            return self.set_ttl(ino, _parse_ttl(value))
         if name == b"user.kvfs.compress":
             codecs.codec_by_name(value.decode(errors="replace").strip())
         with self._lock, self.meta.begin(write=True) as txn:
@@ -770,18 +845,79 @@ class Warehouse:
 
     def listxattr(self, ino: int) -> list[bytes]:
         with self.meta.begin() as txn:
-            self._get_inode(txn, ino)
+            inode = self._get_inode(txn, ino)
             prefix = M.ino_key(ino)
-            return [k[8:] for k, _ in self.meta.iter_prefix(txn, "xattrs", prefix)]
+            names = [k[8:] for k, _ in self.meta.iter_prefix(txn, "xattrs", prefix)]
+        if inode.flags & M.F_PINNED:
+            names.append(PIN_XATTR)
+        if inode.ttl:
+            names.append(TTL_XATTR)
+        return names
 
     def removexattr(self, ino: int, name: bytes) -> None:
         self._check_writable()
+        if name in (PIN_XATTR, TTL_XATTR):
+            self.getxattr(ino, name)  # ENODATA when not set
+            return self.set_pin(ino, False) if name == PIN_XATTR else self.set_ttl(ino, 0)
         with self._lock, self.meta.begin(write=True) as txn:
             inode = self._get_inode(txn, ino)
             if not txn.delete(M.xattr_key(ino, name), db=self.meta.db["xattrs"]):
                 raise NoAttr(f"no attribute {name!r}")
             inode.ctime_ns = now_ns()
             self.meta.put_inode(txn, inode)
+
+    def set_pin(self, ino: int, pinned: bool) -> int:
+        """Pin (never evict or expire) or unpin a file, or a directory and all below it.
+        Returns the number of inodes changed."""
+        def change(inode: M.Inode) -> bool:
+            flags = inode.flags | M.F_PINNED if pinned else inode.flags & ~M.F_PINNED
+            inode.flags, old = flags, inode.flags
+            return flags != old
+        return self._apply_to_tree(ino, change)
+
+    def set_ttl(self, ino: int, ttl: int) -> int:
+        """Make a file, or a directory and all below it, expire `ttl` seconds after the
+        last access (0: never). Returns the number of inodes changed."""
+        def change(inode: M.Inode) -> bool:
+            inode.ttl, old = ttl, inode.ttl
+            return ttl != old
+        return self._apply_to_tree(ino, change)
+
+    def _apply_to_tree(self, ino: int, change) -> int:
+        """Apply change(inode) -> changed to `ino` and, for a directory, to every inode
+        below it, REAP_BATCH entries per transaction with the lock let go in between (a
+        big tree does not stall other clients). What is created meanwhile inherits from
+        its directory, which is changed before its entries are visited."""
+        self._check_writable()
+        changed = 0
+        with self._lock, self.meta.begin(write=True) as txn:
+            inode = self._get_inode(txn, ino)
+            if change(inode):
+                inode.ctime_ns = now_ns()
+                self.meta.put_inode(txn, inode)
+                changed += 1
+        stack = [(ino, 0)] if stat.S_ISDIR(inode.mode) else []  # (directory, last entry id)
+        while stack:
+            with self._lock, self.meta.begin(write=True) as txn:
+                budget = REAP_BATCH
+                while stack and budget:
+                    d, last = stack[-1]
+                    entry = next(self.meta.iter_prefix(txn, "dirents", M.ino_key(d), M.dirent_key(d, last + 1)), None)
+                    if entry is None:
+                        stack.pop()
+                        continue
+                    stack[-1] = (d, M.parse_dirent_key(entry[0])[1])
+                    found = self._find(txn, d, entry[1])
+                    child = None if found is None else self.meta.get_inode(txn, found[0])
+                    budget -= 1
+                    if child is None:
+                        continue
+                    if change(child):
+                        self.meta.put_inode(txn, child)
+                        changed += 1
+                    if stat.S_ISDIR(child.mode):
+                        stack.append((child.ino, 0))
+        return changed
 
     # -- space --------------------------------------------------------------------------
 
@@ -803,6 +939,279 @@ class Warehouse:
                 for d, f in zip(self.devices.devices, self.devices.free)
             ],
         }
+
+    # -- capacity: access times, eviction, expiry, retire --------------------------------
+
+    def _flush_access(self) -> None:
+        """Write the access times gathered since the last flush, in one transaction: the
+        eviction order costs no metadata write per read."""
+        if self.readonly or not self._accessed:
+            return
+        with self._lock:
+            accessed, self._accessed = self._accessed, {}
+            with self.meta.begin(write=True) as txn:
+                for ino, t in accessed.items():
+                    inode = self.meta.get_inode(txn, ino)
+                    if inode is not None and t - inode.atime_ns >= ACCESS_GRANULARITY_NS:
+                        inode.atime_ns = t
+                        self.meta.put_inode(txn, inode)
+
+    def _allocate(self, length: int, prefer: int) -> tuple[int, int]:
+        """An extent for `length` bytes. A full warehouse makes room by evicting, inline;
+        NoSpace only when all that is left is pinned or open."""
+        loc = self.devices.allocate(length, prefer)
+        deadline = time.monotonic() + 5.0
+        while loc is None:
+            # Freed extents are reusable once the free is durable (a checkpoint) and no
+            # read that started before it still runs.
+            self.checkpoint()
+            loc = self.devices.allocate(length, prefer)
+            if loc is not None:
+                break
+            files, _ = self._evict(max(length, INLINE_EVICT_BYTES), "evicted")
+            if not files and not (time.monotonic() < deadline and self.devices.wait_readers(0.5)):
+                raise NoSpace("warehouse is full: everything stored is pinned or open")
+            loc = self.devices.allocate(length, prefer)
+        if self.devices.used_bytes > self.high_watermark * self.devices.capacity:
+            self.pressure.set()
+        return loc
+
+    def _evict(self, want: int, reason: str, deadline_ns: int | None = None) -> tuple[int, int]:
+        """Remove up to EVICT_BATCH files, least recently used first (with deadline_ns:
+        files whose ttl ran out by then), until `want` bytes are freed. A file open for
+        writing is skipped; one open for reading loses its name now and its data at the
+        last close. Returns (files removed, bytes freed)."""
+        if self.readonly:
+            return 0, 0
+        index = "lru" if deadline_ns is None else "expiry"
+        effects: list = []
+        removed: list = []
+        files = freed = logical = 0
+        with self._lock:
+            self._flush_access()  # recent reads move files away from the front
+            with self.meta.begin(write=True) as txn:
+                victims = []
+                for key, _ in txn.cursor(db=self.meta.db[index]):
+                    t, ino = M.parse_time_key(key)
+                    if deadline_ns is not None and t > deadline_ns:
+                        break
+                    of = self._open.get(ino)
+                    if of is not None and (of.writers or of.changed or of.changes or of.dirty):
+                        continue
+                    victims.append(ino)
+                    if len(victims) >= EVICT_BATCH:
+                        break
+                for ino in victims:
+                    if freed >= want:
+                        break
+                    before = len(effects)
+                    logical += self._remove_names(txn, ino, effects, removed).size
+                    files += 1
+                    freed += sum(round_up(e[2]) for e in effects[before:])
+            self._apply(effects)
+            self.counters[f"{reason}_files"] += files
+            self.counters[f"{reason}_bytes"] += logical
+        if files:
+            log.info("%s %d files (%d bytes stored, %d freed)", reason, files, logical, freed)
+        self._notify_removed(removed)
+        return files, freed
+
+    def _remove_names(self, txn, ino: int, effects: list, removed: list) -> M.Inode:
+        """Unlink every name of `ino` (its data goes now, or at its last close)."""
+        inode = self._get_inode(txn, ino)
+        names = self.meta.names_of(txn, ino)
+        if not names:
+            log.error("inode %d is indexed for eviction but has no name; dropping it (run kvfs fsck)", ino)
+            inode.nlink = 1
+            names = [(None, None)]
+        t = now_ns()
+        for parent, name in names:
+            if parent is not None:
+                self._remove_entry(txn, parent, name)
+                pdir = self.meta.get_inode(txn, parent)
+                if pdir is not None:
+                    self._touch_dir(txn, pdir, t)
+                removed.append((parent, name, ino))
+            self._drop_link(txn, inode, t, effects)
+        return inode
+
+    def _notify_removed(self, removed: list) -> None:
+        if removed and self.on_removed is not None:
+            try:
+                self.on_removed(removed)
+            except Exception:
+                log.exception("telling the kernel about %d removed names failed", len(removed))
+
+    def over_high_watermark(self) -> bool:
+        return self.devices.used_bytes > self.high_watermark * self.devices.capacity
+
+    def evict_to_low_watermark(self) -> tuple[int, int]:
+        """Evict until use is under the low watermark (the mount daemon's evictor calls
+        this when `pressure` is set). Returns (files, bytes freed)."""
+        total_files = total_freed = 0
+        while not self.readonly:
+            excess = self.devices.used_bytes - int(self.low_watermark * self.devices.capacity)
+            if excess <= 0:
+                break
+            files, freed = self._evict(excess, "evicted")
+            if not files:
+                break
+            total_files += files
+            total_freed += freed
+            self.checkpoint()  # what was freed becomes reusable for writers
+        return total_files, total_freed
+
+    def expire(self) -> int:
+        """Remove every file whose ttl ran out; returns how many."""
+        total = 0
+        while True:
+            now = now_ns()
+            with self.meta.begin() as txn:
+                cur = txn.cursor(db=self.meta.db["expiry"])
+                if not cur.first() or M.parse_time_key(cur.key())[0] > now:
+                    return total
+            files, _ = self._evict(1 << 62, "expired", deadline_ns=now)
+            if not files:
+                return total
+            total += files
+
+    def set_watermarks(self, high: float | None = None, low: float | None = None) -> tuple[float, float]:
+        """Change the watermarks (kept in the superblock); eviction follows at once."""
+        self._check_writable()
+        with self._lock:
+            high = self.high_watermark if high is None else high
+            low = self.low_watermark if low is None else low
+            check_watermarks(high, low)
+            with self.meta.begin(write=True) as txn:
+                sb = self.meta.get_json(txn, b"superblock")
+                sb["high_watermark"], sb["low_watermark"] = high, low
+                self.meta.put_json(txn, b"superblock", sb)
+            self.sb = sb
+            self.high_watermark, self.low_watermark = high, low
+        if self.over_high_watermark():
+            self.pressure.set()
+        return high, low
+
+    def resolve(self, path: str | bytes) -> tuple[int, bytes, int]:
+        """(parent, name, inode) of a path relative to the root, e.g. 'models/llama'."""
+        parts = [p for p in os.fsencode(path).split(b"/") if p not in (b"", b".")]
+        if not parts:
+            raise Invalid("the root itself has no name")
+        if b".." in parts:
+            raise Invalid("'..' is not allowed in a warehouse path")
+        ino = M.ROOT_INO
+        with self.meta.begin() as txn:
+            for part in parts:
+                parent = ino
+                self._get_dir(txn, parent)
+                found = self._find(txn, parent, part)
+                if found is None:
+                    raise NotFound(f"{os.fsdecode(path)}: no such file or directory")
+                ino = found[0]
+        return parent, parts[-1], ino
+
+    def retire(self, path: str | bytes) -> dict:
+        """Remove `path` (relative to the root). A directory is detached at once (its name
+        is gone, nothing can be created in it) and its subtree is deleted by reap(), in
+        short batches; open files keep their data until their last close."""
+        self._check_writable()
+        parent, name, ino = self.resolve(path)
+        effects: list = []
+        with self._lock:
+            with self.meta.begin(write=True) as txn:
+                found = self._find(txn, parent, name)
+                if found is None:
+                    raise NotFound(f"{os.fsdecode(path)}: no such file or directory")
+                inode = self._get_inode(txn, found[0])
+                is_dir = stat.S_ISDIR(inode.mode)
+                self._remove_entry(txn, parent, name)
+                t = now_ns()
+                self._touch_dir(txn, self._get_inode(txn, parent), t, -1 if is_dir else 0)
+                if is_dir:
+                    inode.nlink = 0
+                    inode.ctime_ns = t
+                    self.meta.put_inode(txn, inode)
+                    txn.put(M.ino_key(inode.ino), M.u64(parent) + name, db=self.meta.db["retiring"])
+                else:
+                    self._drop_link(txn, inode, t, effects)
+                    self.counters["retired_files"] += 1
+                    self.counters["retired_bytes"] += inode.size
+            self._apply(effects)
+        self._notify_removed([(parent, name, inode.ino)])
+        log.info("retired %s (inode %d%s)", os.fsdecode(path), inode.ino, ", a directory" if is_dir else "")
+        return {"ino": inode.ino, "directory": is_dir}
+
+    def retiring(self) -> list[int]:
+        """Directories detached by retire whose subtrees are still being deleted."""
+        with self.meta.begin() as txn:
+            return [M.parse_u64(k) for k, _ in txn.cursor(db=self.meta.db["retiring"])]
+
+    def reap(self, budget: int = REAP_BATCH) -> bool:
+        """Delete up to `budget` entries of retired subtrees in one transaction, deepest
+        first; returns True while retired subtrees remain. Restartable at any point (it
+        keeps no state but the metadata), after a crash too."""
+        if self.readonly:
+            return False
+        effects: list = []
+        files = logical = 0
+        db = self.meta.db
+        with self._lock:
+            with self.meta.begin(write=True) as txn:
+                cur = txn.cursor(db=db["retiring"])
+                if not cur.first():
+                    return False
+                t = now_ns()
+                stack = [(M.parse_u64(cur.key()), None, None)]  # (directory, parent, name)
+                while stack and budget > 0:
+                    d, parent, name = stack[-1]
+                    entry = next(self.meta.iter_prefix(txn, "dirents", M.ino_key(d)), None)
+                    if entry is None:  # an empty directory: it goes too
+                        stack.pop()
+                        if parent is not None:
+                            self._remove_entry(txn, parent, name)
+                            pdir = self._get_inode(txn, parent)
+                            # The detached root has nlink 0 already (nothing may be made in it).
+                            self._touch_dir(txn, pdir, t, -1 if pdir.nlink else 0)
+                        self._purge_inode(txn, d, effects, collections.Counter())
+                        budget -= 1
+                        continue
+                    key, cname = entry
+                    found = self._find(txn, d, cname)
+                    if found is None:  # a readdir record without its entry
+                        txn.delete(key, db=db["dirents"])
+                        continue
+                    child = self._get_inode(txn, found[0])
+                    if stat.S_ISDIR(child.mode):
+                        stack.append((child.ino, d, cname))
+                        continue
+                    self._remove_entry(txn, d, cname)
+                    self._drop_link(txn, child, t, effects)
+                    files += 1
+                    logical += child.size
+                    budget -= 1
+                more = txn.cursor(db=db["retiring"]).first()
+            self._apply(effects)
+            self.counters["retired_files"] += files
+            self.counters["retired_bytes"] += logical
+        return more
+
+    def stats_totals(self) -> dict[str, int]:
+        """Counters over the warehouse's life: persisted ones plus this open's."""
+        names = set(self._stats_base) | set(self.counters)
+        return {n: self._stats_base.get(n, 0) + self.counters.get(n, 0) for n in sorted(names)}
+
+    def stats(self) -> dict:
+        """What `kvfs stat` and .kvfs/stats.json show."""
+        st = self.statfs()
+        with self.meta.begin() as txn:
+            st["evictable_files"] = txn.stat(self.meta.db["lru"])["entries"]
+            st["expiring_files"] = txn.stat(self.meta.db["expiry"])["entries"]
+            st["retiring"] = txn.stat(self.meta.db["retiring"])["entries"]
+        st["high_watermark"] = self.high_watermark
+        st["low_watermark"] = self.low_watermark
+        st["counters"] = self.stats_totals()
+        st["open_files"] = len(self._open)
+        return st
 
     # -- files --------------------------------------------------------------------------
 
@@ -829,9 +1238,11 @@ class Warehouse:
                 raise IsADirectory("is a directory")
             of = self._file(inode)
             of.handles += 1
+            of.writers += write
             fh = self._next_fh
             self._next_fh += 1
             self._handles[fh] = Handle(ino, write, append)
+            self._accessed[ino] = now_ns()
             return fh
 
     def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> tuple[int, M.Inode]:
@@ -854,6 +1265,7 @@ class Warehouse:
                 return
             of = self._open[h.ino]
             of.handles -= 1
+            of.writers -= h.writable
             try:
                 if h.writable or of.changed:
                     try:
@@ -940,6 +1352,7 @@ class Warehouse:
         with self._lock:
             h = self._handle(fh)
             of = self._open.get(h.ino)
+            self._accessed[h.ino] = now_ns()
             fsize = of.size
             end = min(offset + size, fsize)
             if offset >= end:
@@ -1066,15 +1479,7 @@ class Warehouse:
             self.counters["dedup_blocks"] += 1
         else:
             stored, used = codecs.encode(view, of.codec)
-            n = len(self.devices.devices)
-            loc = self.devices.allocate(len(stored), (of.ino + idx) % n)
-            if loc is None:
-                # Freed extents become reusable only once the free is durable.
-                self.checkpoint()
-                loc = self.devices.allocate(len(stored), (of.ino + idx) % n)
-            if loc is None:
-                raise NoSpace("warehouse is full")
-            dev, off = loc
+            dev, off = self._allocate(len(stored), (of.ino + idx) % len(self.devices.devices))
             try:
                 self.devices.devices[dev].pwrite(stored, off)
             except BaseException:
@@ -1082,18 +1487,18 @@ class Warehouse:
                 raise
             p = Pending(h, dev, off, len(stored), raw_len, used, True)
             self.counters["stored_blocks"] += 1
-        self._pins[h] += 1
+        self._held[h] += 1
         of.changes[idx] = p
         if old:
             self._drop_pending(old)
 
     def _drop_pending(self, p: Pending) -> None:
-        """Forget an uncommitted block: unpin it and give back an extent we wrote."""
-        left = self._pins[p.hash] - 1
+        """Forget an uncommitted block: release its hold, give back an extent we wrote."""
+        left = self._held[p.hash] - 1
         if left:
-            self._pins[p.hash] = left
+            self._held[p.hash] = left
         else:
-            del self._pins[p.hash]
+            del self._held[p.hash]
             effects: list = []
             with self.meta.begin(write=True) as txn:
                 rec = self.meta.get_block(txn, p.hash)
@@ -1137,7 +1542,7 @@ class Warehouse:
         if not of.changed and not of.changes:
             return
         effects: list = []
-        unpinning = collections.Counter(p.hash for p in of.changes.values() if p is not None)
+        releasing = collections.Counter(p.hash for p in of.changes.values() if p is not None)
         db = self.meta.db
         dropped: list[bytes] = []  # old references, released after all new ones are counted
         with self.meta.begin(write=True) as txn:
@@ -1166,7 +1571,7 @@ class Warehouse:
                     if old is not None:
                         dropped.append(old)
                 for h in dropped:
-                    self._decref(txn, h, effects, unpinning)
+                    self._decref(txn, h, effects, releasing)
                 inode.size = of.size
                 inode.mtime_ns = inode.ctime_ns = of.mtime_ns or now_ns()
                 if inode.flags & M.F_INCOMPLETE:
@@ -1176,12 +1581,12 @@ class Warehouse:
         if inode is None:  # purged meanwhile: nothing to publish into
             self._discard(of)
             return
-        for h, n in unpinning.items():
-            left = self._pins[h] - n
+        for h, n in releasing.items():
+            left = self._held[h] - n
             if left > 0:
-                self._pins[h] = left
+                self._held[h] = left
             else:
-                del self._pins[h]
+                del self._held[h]
         of.changes.clear()
         of.trunc_blocks = None
         of.changed = False
@@ -1193,7 +1598,7 @@ class Warehouse:
         rec = self.meta.get_block(txn, p.hash)
         if rec is None:
             if not p.own:
-                raise Corrupt(f"pinned block {p.hash.hex()} vanished before commit")
+                raise Corrupt(f"held block {p.hash.hex()} vanished before commit")
             self.meta.put_block(txn, p.hash, M.BlockRecord(p.dev, p.offset, p.stored_len, p.raw_len, p.codec, 1))
             self.meta.free_remove(txn, p.dev, p.offset, round_up(p.stored_len))
             return
@@ -1231,6 +1636,30 @@ class Warehouse:
         with self._lock:
             out, self.discarded = self.discarded, set()
             return out
+
+
+def check_watermarks(high: float, low: float) -> None:
+    if not (0 < low <= high <= 1):
+        raise Invalid(f"watermarks must satisfy 0 < low <= high <= 1 (got high {high}, low {low})")
+
+
+def _parse_flag(value: bytes) -> bool:
+    v = value.strip().lower()
+    if v in (b"1", b"true", b"yes", b"on"):
+        return True
+    if v in (b"", b"0", b"false", b"no", b"off"):
+        return False
+    raise Invalid(f"{PIN_XATTR.decode()} takes 1 or 0, not {value[:40]!r}")
+
+
+def _parse_ttl(value: bytes) -> int:
+    try:
+        ttl = int(value.strip() or b"0")
+    except ValueError:
+        ttl = -1
+    if not 0 <= ttl < 1 << 32:
+        raise Invalid(f"{TTL_XATTR.decode()} takes seconds (0 to 4294967295), not {value[:40]!r}")
+    return ttl
 
 
 def _lock(path: str) -> int:

@@ -189,6 +189,7 @@ def test_no_space_keeps_written_bytes_and_reports_at_flush(tmp_path):
     fh, ino = w.create(M.ROOT_INO, b"f", 0o644, 0, 0)
     w.write(fh, 0, _blk(ord("x")))
     w.release(fh)
+    w.set_pin(ino.ino, True)  # else the full warehouse would evict it rather than fail
     filler = _fill(w)
     fh = w.open(ino.ino, write=True)
     w.write(fh, 0, b"NEW")

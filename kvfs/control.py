@@ -1,0 +1,206 @@
+"""The control interface of a running mount, and how tools reach a warehouse.
+
+A mount has a hidden directory `.kvfs` in its root (served by kvfs.fs, not listed by
+readdir):
+
+    .kvfs/control     mode 0600, owned by the daemon's user: open it read-write, write one
+                      JSON request, read the JSON reply from the same open file. Only root
+                      and the daemon's user may open it.
+    .kvfs/stats.json  Warehouse.stats() as JSON, a snapshot taken at open (mode 0444).
+
+Requests and replies (`run` below is the one dispatcher, used in the daemon and, for an
+unmounted warehouse, in the tool's own process):
+
+    {"op": "stats"}                                  -> Warehouse.stats()
+    {"op": "retire", "path": "models/llama-7b"}      -> {"files", "bytes", "seconds"}
+    {"op": "gc", "delete": false, "grace": 300}      -> kvfs.fsck.gc() report
+    {"op": "tune", "high_watermark": 0.9, "low_watermark": 0.8}
+                                                     -> {"high_watermark", "low_watermark"}
+
+A reply is {"ok": true, ...} or {"ok": false, "error": "...", "errno": N}. A request that
+is not JSON or names no known operation makes the read fail with EINVAL.
+"""
+
+import errno
+import json
+import logging
+import os
+import time
+
+from .errors import (
+    Invalid, KvfsError, QuietError,
+    EXIT_IN_USE, EXIT_INTERNAL, EXIT_NO_WAREHOUSE, EXIT_NOT_MOUNTED, EXIT_PERMISSION, EXIT_USAGE,
+)
+
+CONTROL_DIR = ".kvfs"
+CONTROL_FILE = "control"
+STATS_FILE = "stats.json"
+MAX_REQUEST = 64 << 10
+OPERATIONS = ("stats", "retire", "gc", "tune")
+
+log = logging.getLogger("kvfs.control")
+
+
+def run(wh, op: str, args: dict) -> dict:
+    """Carry out one control operation on an open warehouse."""
+    if op == "stats":
+        return wh.stats()
+    if op == "retire":
+        path = args.get("path")
+        if not isinstance(path, str) or not path:
+            raise Invalid("retire needs a path")
+        t0 = time.monotonic()
+        before = wh.stats_totals()
+        done = wh.retire(path)
+        while done["ino"] in wh.retiring():
+            wh.reap()
+        after = wh.stats_totals()
+        return {
+            "files": after.get("retired_files", 0) - before.get("retired_files", 0),
+            "bytes": after.get("retired_bytes", 0) - before.get("retired_bytes", 0),
+            "seconds": round(time.monotonic() - t0, 3),
+        }
+    if op == "gc":
+        from .fsck import DEFAULT_GC_GRACE, gc
+
+        grace = args.get("grace", DEFAULT_GC_GRACE)
+        if not isinstance(grace, (int, float)) or grace < 0:
+            raise Invalid("grace must be a number of seconds >= 0")
+        return gc(wh, delete=bool(args.get("delete")), grace=float(grace))
+    if op == "tune":
+        marks = []
+        for key in ("high_watermark", "low_watermark"):
+            v = args.get(key)
+            if v is not None and not isinstance(v, (int, float)):
+                raise Invalid(f"{key} must be a number")
+            marks.append(v)
+        if marks != [None, None]:
+            wh.set_watermarks(*marks)
+        return {"high_watermark": wh.high_watermark, "low_watermark": wh.low_watermark}
+    raise Invalid(f"unknown control operation {op!r}")  # OPERATIONS and run() disagree
+
+
+def handle(wh, raw: bytes) -> bytes:
+    """The daemon's side of .kvfs/control: one request in, one reply out."""
+    try:
+        req = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        req = None
+    if not isinstance(req, dict) or req.get("op") not in OPERATIONS:
+        log.warning("control request refused (not a JSON object with a known op): %r", raw[:200])
+        raise Invalid(f'a control request is a JSON object with "op" one of {", ".join(OPERATIONS)}')
+    op = req.pop("op")
+    try:
+        reply = {"ok": True, **run(wh, op, req)}
+    except KvfsError as exc:
+        log.info("control %s %s failed: %s", op, req, exc)
+        reply = {"ok": False, "error": str(exc), "errno": exc.errno}
+    return json.dumps(reply).encode() + b"\n"
+
+
+# -- the tools' side ----------------------------------------------------------------------
+
+_EXIT_FOR_ERRNO = {
+    errno.ENOENT: EXIT_USAGE, errno.EINVAL: EXIT_USAGE, errno.ENOTDIR: EXIT_USAGE,
+    errno.EACCES: EXIT_PERMISSION, errno.EPERM: EXIT_PERMISSION, errno.EROFS: EXIT_IN_USE,
+}
+
+
+def exit_for(err: int) -> int:
+    return _EXIT_FOR_ERRNO.get(err, EXIT_INTERNAL)
+
+
+class Remote:
+    """A warehouse served by a running mount, reached through its control file."""
+
+    def __init__(self, mountpoint: str):
+        self.mountpoint = mountpoint
+        self.path = os.path.join(mountpoint, CONTROL_DIR, CONTROL_FILE)
+
+    def call(self, op: str, **args) -> dict:
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise QuietError(f"{self.mountpoint}: the control interface is for root and "
+                                 "the warehouse owner", EXIT_PERMISSION) from None
+            raise QuietError(f"{self.path}: {exc.strerror}", EXIT_NOT_MOUNTED) from None
+        try:
+            os.write(fd, json.dumps({"op": op, **args}).encode())
+            chunks = []  # the reply starts at offset 0, wherever the write left us
+            while chunk := os.pread(fd, 1 << 20, sum(map(len, chunks))):
+                chunks.append(chunk)
+        except OSError as exc:
+            raise QuietError(f"{self.mountpoint}: the daemon failed to carry out {op!r} "
+                             f"({exc.strerror}); see the warehouse's kvfs.log", exit_for(exc.errno)) from None
+        finally:
+            os.close(fd)
+        reply = json.loads(b"".join(chunks))
+        if not reply.pop("ok"):
+            raise QuietError(reply["error"], exit_for(reply.get("errno", errno.EIO)))
+        return reply
+
+    def close(self) -> None:
+        pass
+
+
+class Local:
+    """An unmounted warehouse, opened in this process for the duration of a tool."""
+
+    def __init__(self, warehouse: str, write: bool):
+        from .warehouse import Warehouse
+
+        self.wh = Warehouse(warehouse, check_only=not write)
+
+    def call(self, op: str, **args) -> dict:
+        try:
+            return run(self.wh, op, args)
+        except KvfsError as exc:
+            raise QuietError(str(exc), exit_for(exc.errno)) from None
+
+    def close(self) -> None:
+        self.wh.close()
+
+
+def connect(target: str, write: bool = False):
+    """A Remote for a kvfs mount point, or for a warehouse that a mount is serving; a
+    Local for an unmounted warehouse (opened read-write only when `write`)."""
+    from . import meta as M
+    from .mount import find_mount, wait_unlocked
+    from .warehouse import META_DIR
+
+    if find_mount(target) is not None:
+        return Remote(os.path.realpath(target))
+    meta_dir = os.path.join(target, META_DIR)
+    if not os.path.isdir(meta_dir):
+        raise QuietError(f"{target} is neither a kvfs mount point nor a warehouse", EXIT_NO_WAREHOUSE)
+    if not wait_unlocked(target, 0):
+        try:
+            meta = M.Meta(meta_dir, readonly=True)
+            try:
+                with meta.begin() as txn:
+                    mountpoint = (meta.get_json(txn, b"state") or {}).get("mountpoint")
+            finally:
+                meta.close()
+        except Exception:
+            mountpoint = None
+        if mountpoint and find_mount(mountpoint, resolve=False) is not None:
+            return Remote(mountpoint)
+        raise QuietError(f"{target} is in use by another process (not a mount this tool can reach)", EXIT_IN_USE)
+    return Local(target, write)
+
+
+def locate(path: str) -> tuple[str, str]:
+    """(mount point, path relative to it) of a path inside a kvfs mount. The last
+    component is not resolved: a symbolic link names itself, not its target."""
+    from .mount import kvfs_mounts
+
+    parent, name = os.path.split(os.path.abspath(path))
+    full = os.path.join(os.path.realpath(parent), name) if name else os.path.realpath(parent)
+    best = None
+    for mp in kvfs_mounts():
+        if (full == mp or full.startswith(mp.rstrip("/") + "/")) and (best is None or len(mp) > len(best)):
+            best = mp
+    if best is None:
+        raise QuietError(f"{path} is not inside a kvfs mount", EXIT_NOT_MOUNTED)
+    return best, os.path.relpath(full, best) if full != best else ""
