@@ -163,7 +163,7 @@ def _set_pin(args, pinned: bool) -> int:
         try:
             os.setxattr(path, PIN_XATTR, b"1" if pinned else b"0")
         except OSError as exc:
-            if exc.errno in (errno.EACCES, errno.EPERM):
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise QuietError(f"{path}: {exc.strerror}", EXIT_PERMISSION) from None
             raise QuietError(f"{path}: {exc.strerror}", EXIT_USAGE) from None
         if not args.quiet:

@@ -150,3 +150,26 @@ def test_fsck_finds_and_repairs_a_planted_leak(make_warehouse):
     assert res.returncode == 0 and "repaired" in res.stdout
     res = run_kvfs("fsck", wh, "--verify-data", "--json")
     assert json.loads(res.stdout)["clean"]
+
+
+def test_man_pages_cover_every_command_and_option():
+    """Every subcommand has a page (unpin shares pin's) that names each of its options and
+    is listed in kvfs(1); a page cannot silently fall behind --help."""
+    from pathlib import Path
+
+    from kvfs.cli import SUBCOMMANDS, build_parser
+
+    man = Path(__file__).resolve().parent.parent / "man"
+    overview = (man / "kvfs.1").read_text().replace("\\-", "-")
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert sorted(sub.choices) == sorted(SUBCOMMANDS)
+    for name, parser in sub.choices.items():
+        page = "pin" if name == "unpin" else name
+        text = (man / f"kvfs-{page}.8").read_text().replace("\\-", "-")
+        assert f"kvfs-{page} (8)" in overview.replace(".BR ", "")
+        assert f"kvfs {name}" in text
+        for action in parser._actions:
+            if action.help != argparse.SUPPRESS:
+                for opt in action.option_strings:
+                    assert opt in text, f"kvfs-{page}.8 does not mention {opt}"
+        assert ".SH EXIT STATUS" in text and ".SH EXAMPLES" in text
