@@ -9,29 +9,25 @@ import errno
 import json
 import logging
 import os
-import re
 import sys
 
-from . import __version__
+from . import __version__, units
 from .errors import (
     QuietError, EXIT_INTERNAL, EXIT_MOUNT_FAILED, EXIT_NO_WAREHOUSE, EXIT_NOT_MOUNTED, EXIT_OK,
     EXIT_PERMISSION, EXIT_USAGE,
 )
 
-SUBCOMMANDS = ("mkfs", "mount", "umount", "fsck", "pin", "unpin", "retire", "gc", "tune")
+SUBCOMMANDS = ("mkfs", "mount", "umount", "fsck", "stat", "ls", "find", "du", "pin", "unpin",
+               "retire", "gc", "tune")
 # Exit code for an OSError on a path the user named, per subcommand.
-_OS_ERROR_EXIT = {"mkfs": 9, "mount": 6, "umount": 6, "fsck": 3, "gc": 3, "tune": 3}
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(?:i?b)?\s*$", re.I)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
-
+_OS_ERROR_EXIT = {"mkfs": 9, "mount": 6, "umount": 6, "fsck": 3, "gc": 3, "tune": 3, "stat": 3}
 
 def parse_size(text: str) -> int:
-    """'200G', '512MiB', '4096' -> bytes (binary units)."""
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 4096, 64M, 200G)")
-    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    """'200G', '512MiB', '4096' -> bytes (binary units), for argparse."""
+    try:
+        value = units.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
     return value
@@ -57,12 +53,7 @@ def parse_device(text: str) -> tuple[str, int | None]:
     return text, None
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n}"
+human = units.human
 
 
 def cmd_mkfs(args) -> int:
@@ -95,6 +86,13 @@ def cmd_mount(args) -> int:
         kvfs_opts["compress"] = args.compress
     if args.durability:
         kvfs_opts["durability"] = args.durability
+    if args.metrics_port is not None:
+        kvfs_opts["metrics_port"] = str(args.metrics_port)
+    if args.metrics_addr:
+        kvfs_opts["metrics_addr"] = args.metrics_addr
+    port = kvfs_opts.get("metrics_port")
+    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+        raise QuietError(f"metrics_port must be a port number, not {port!r}", EXIT_USAGE)
     if kvfs_opts.get("compress", "none") not in ("none", "zstd"):
         raise QuietError(f"compress must be 'none' or 'zstd', not {kvfs_opts['compress']!r}", EXIT_USAGE)
     if kvfs_opts.get("durability", "fsync") not in ("fsync", "close"):
@@ -126,6 +124,10 @@ def cmd_mount(args) -> int:
         argv += ["--compress", args.compress]
     if args.durability:
         argv += ["--durability", args.durability]
+    if args.metrics_port is not None:
+        argv += ["--metrics-port", str(args.metrics_port)]
+    if args.metrics_addr:
+        argv += ["--metrics-addr", args.metrics_addr]
     note = m.start_daemon(argv, warehouse)
     if not args.quiet:
         print(f"kvfs: mounted {warehouse} on {mountpoint}" + (f" ({note})" if note else ""))
@@ -149,6 +151,136 @@ def cmd_fsck(args) -> int:
     from .fsck import run_fsck
 
     return run_fsck(args)
+
+
+def cmd_stat(args) -> int:
+    from .control import connect
+
+    target = connect(args.target)
+    try:
+        st = target.call("stats")
+    finally:
+        target.close()
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return EXIT_OK
+    c = st["counters"]
+    cap = st["capacity"] or 1
+    where = f"mounted on {st['mountpoint']}" if st["mountpoint"] else ("clean" if st["clean"] else "NOT clean: mount or fsck it")
+    hit = f"{st['hit_rate']:.1%} hit rate" if st["hit_rate"] is not None else "no lookups yet"
+    print(f"warehouse  {st['warehouse']} ({where})")
+    print(f"capacity   {human(st['capacity'])}, used {human(st['used'])} ({st['used'] / cap:.1%}), "
+          f"free {human(st['free'])}")
+    print(f"eviction   above {st['high_watermark']:.0%}, down to {st['low_watermark']:.0%}; "
+          f"{st['evictable_files']:,} files evictable, {st['expiring_files']:,} with a ttl")
+    print(f"files      {st['files']:,} holding {human(st['file_bytes'])}; {st['blocks']:,} blocks of "
+          f"{human(st['block_bytes'])} stored in {human(st['stored_bytes'])}")
+    print(f"savings    dedup {st['dedup_ratio']:.2f}x, compression {st['compression_ratio']:.2f}x")
+    print(f"lookups    {c.get('lookup_hit', 0):,} hits, {c.get('lookup_miss', 0):,} misses ({hit})")
+    print(f"removed    evicted {c.get('evicted_files', 0):,} files ({human(c.get('evicted_bytes', 0))}), "
+          f"expired {c.get('expired_files', 0):,} ({human(c.get('expired_bytes', 0))}), "
+          f"retired {c.get('retired_files', 0):,} ({human(c.get('retired_bytes', 0))})")
+    if c.get("corrupt_blocks"):
+        print(f"DAMAGE     {c['corrupt_blocks']} blocks failed verification: run kvfs fsck --verify-data")
+    for d in st["devices"]:
+        print(f"device {d['index']}   {d['path']}: {human(d['size'] - d['free'])} of {human(d['size'])} used; "
+              f"since mount {d['reads']:,} reads ({human(d['read_bytes'])}), "
+              f"{d['writes']:,} writes ({human(d['write_bytes'])})")
+    return EXIT_OK
+
+
+def _when(t: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
+
+def _print_entries(entries, as_json: bool, long: bool) -> int:
+    n = 0
+    if as_json:
+        sys.stdout.write("[")
+    for e in entries:
+        if as_json:
+            sys.stdout.write(("," if n else "") + "\n" + json.dumps(e.as_dict()))
+        elif long:
+            d = e.as_dict()
+            flags = ("P" if d["pinned"] else "-") + ("T" if d["ttl"] else "-") + ("Q" if "quota" in d else "-")
+            who = d.get("creator")
+            creator = f"{who['process'] or '?'}[{who['pid']}] uid {who['uid']}" if who else "-"
+            notes = " ".join(f"{k}={v}" for k, v in d["annotations"].items())
+            print(f"{d['mode']} {flags} {human(d['size']):>10}  used {_when(d['last_use'])}  "
+                  f"opens {d.get('opens', 0):>5}  {creator:<28} {d['path']}" + (f"  [{notes}]" if notes else ""))
+        else:
+            print(e.path)
+        n += 1
+    if as_json:
+        sys.stdout.write("\n]\n")
+    return n
+
+
+def cmd_ls(args) -> int:
+    from .catalog import open_target
+
+    catalog, rel, base = open_target(args.path)
+    try:
+        with catalog.meta.begin() as txn:
+            entries = catalog.entries(txn, rel, base, recursive=False)
+            first = next(entries)
+            _print_entries(entries if first.kind == "d" else [first], args.json, long=not args.json)
+    finally:
+        catalog.close()
+    return EXIT_OK
+
+
+def cmd_find(args) -> int:
+    from .catalog import Filter, open_target
+
+    notes = {}
+    for a in args.annotation or []:
+        key, sep, value = a.partition("=")
+        notes[key] = value if sep else None
+    if args.model:
+        notes["model"] = args.model
+    if args.tenant:
+        notes["tenant"] = args.tenant
+    f = Filter(kind=args.type, name=args.name, min_size=args.min_size, max_size=args.max_size,
+               unused_for=args.unused_for, used_within=args.used_within, older_than=args.older_than,
+               newer_than=args.newer_than, pinned=args.pinned, uid=args.uid, creator=args.creator,
+               annotations=notes)
+    catalog, rel, base = open_target(args.path)
+    try:
+        with catalog.meta.begin() as txn:
+            _print_entries((e for e in catalog.entries(txn, rel, base, recursive=True) if f(e)),
+                           args.json, long=args.long)
+    finally:
+        catalog.close()
+    return EXIT_OK
+
+
+def cmd_du(args) -> int:
+    from .catalog import du, open_target
+
+    catalog, rel, base = open_target(args.path)
+    try:
+        with catalog.meta.begin() as txn:
+            if catalog.resolve(txn, rel).mode & 0o170000 != 0o040000:
+                raise QuietError(f"{args.path} is not a directory", EXIT_USAGE)
+            rows = du(catalog, txn, rel, base)
+    finally:
+        catalog.close()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{human(r['bytes']):>10}  {r['files']:>9,} files  {r['path']}")
+    return EXIT_OK
+
+
+def _age(text: str) -> float:
+    try:
+        return units.parse_age(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _set_pin(args, pinned: bool) -> int:
@@ -289,6 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compress", choices=("none", "zstd"), help="codec for new blocks on this mount")
     s.add_argument("--durability", choices=("fsync", "close"),
                    help="fsync (default): data is durable at fsync and every 5 s; close: at every close")
+    s.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics on http://ADDR:PORT/metrics (also -o metrics_port=PORT)")
+    s.add_argument("--metrics-addr", metavar="ADDR",
+                   help="address for --metrics-port (default 127.0.0.1; also -o metrics_addr=ADDR)")
     s.add_argument("--quiet", "-q", action="store_true", help=argparse.SUPPRESS)
     s.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_mount)
@@ -317,6 +453,64 @@ def build_parser() -> argparse.ArgumentParser:
                         "drop dangling entries (never touches intact data)")
     s.add_argument("--json", action="store_true", help="print a machine-readable report")
     s.set_defaults(func=cmd_fsck)
+
+    s = sub.add_parser("stat", help="show what a warehouse holds and how it is doing",
+                       description="Capacity, use, watermarks, files and blocks, deduplication and "
+                                   "compression ratios, hit rate, evictions, expiries, retirements and "
+                                   "per-device use and I/O of a warehouse, mounted or not.",
+                       epilog="examples:\n  kvfs stat /mnt/kvfs\n  kvfs stat /var/lib/kvfs/w1 --json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("target", metavar="MOUNTPOINT|WAREHOUSE")
+    s.add_argument("--json", action="store_true", help="print everything as JSON")
+    s.set_defaults(func=cmd_stat)
+
+    s = sub.add_parser("ls", help="list a directory from the catalog, with lineage",
+                       description="List a directory (or show a file) of a warehouse from its metadata: "
+                                   "mode, flags (P pinned, T ttl, Q quota), size, last use, opens, the "
+                                   "process that created it, annotations. Mounted or not; no walk of the mount.",
+                       epilog="examples:\n  kvfs ls /mnt/kvfs/vllm\n  kvfs ls /var/lib/kvfs/w1 --json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("path", metavar="PATH|WAREHOUSE", help="a path inside a kvfs mount, or a warehouse directory")
+    s.add_argument("--json", action="store_true", help="print a JSON list of entries")
+    s.set_defaults(func=cmd_ls)
+
+    s = sub.add_parser("find", help="search the catalog by size, age, use, pin, creator, annotation",
+                       description="Walk a directory tree of a warehouse in its metadata and print the "
+                                   "entries that pass every test given. Annotations are the attributes "
+                                   "user.kvfs.KEY of an entry or of a directory above it.",
+                       epilog="examples:\n  kvfs find /mnt/kvfs --model llama-3-8b --unused-for 7d\n"
+                              "  kvfs find /mnt/kvfs/vllm --type f --min-size 1G --long\n"
+                              "  kvfs find /var/lib/kvfs/w1 --creator 'python*' --json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("path", metavar="PATH|WAREHOUSE", help="a path inside a kvfs mount, or a warehouse directory")
+    s.add_argument("--type", choices=("f", "d", "l"), help="regular files, directories or symbolic links")
+    s.add_argument("--name", metavar="GLOB", help="the last path component matches GLOB")
+    s.add_argument("--min-size", type=parse_size, metavar="SIZE")
+    s.add_argument("--max-size", type=parse_size, metavar="SIZE")
+    s.add_argument("--unused-for", type=_age, metavar="AGE", help="last used at least AGE ago (90s, 15m, 2h, 7d)")
+    s.add_argument("--used-within", type=_age, metavar="AGE", help="last used less than AGE ago")
+    s.add_argument("--older-than", type=_age, metavar="AGE", help="created at least AGE ago")
+    s.add_argument("--newer-than", type=_age, metavar="AGE", help="created less than AGE ago")
+    s.add_argument("--pinned", action="store_const", const=True, help="pinned entries only")
+    s.add_argument("--unpinned", dest="pinned", action="store_const", const=False, help="unpinned entries only")
+    s.add_argument("--uid", type=int, help="created by this user id")
+    s.add_argument("--creator", metavar="GLOB", help="created by a process whose name matches GLOB")
+    s.add_argument("--model", help="annotated user.kvfs.model=MODEL")
+    s.add_argument("--tenant", help="annotated user.kvfs.tenant=TENANT")
+    s.add_argument("--annotation", action="append", metavar="KEY[=VALUE]",
+                   help="annotated user.kvfs.KEY (=VALUE); repeat for several")
+    s.add_argument("--long", "-l", action="store_true", help="print entries as kvfs ls does")
+    s.add_argument("--json", action="store_true", help="print a JSON list of entries")
+    s.set_defaults(func=cmd_find)
+
+    s = sub.add_parser("du", help="space per directory, from the catalog",
+                       description="Files and bytes (file sizes) below each entry of a directory, largest "
+                                   "first, and in all. Mounted or not; no walk of the mount.",
+                       epilog="examples:\n  kvfs du /mnt/kvfs/vllm\n  kvfs du /var/lib/kvfs/w1 --json",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("path", metavar="PATH|WAREHOUSE", help="a directory inside a kvfs mount, or a warehouse directory")
+    s.add_argument("--json", action="store_true", help="print a JSON list of rows")
+    s.set_defaults(func=cmd_du)
 
     for name, func, verb in (("pin", cmd_pin, "pin"), ("unpin", cmd_unpin, "unpin")):
         s = sub.add_parser(name, help=f"{verb} files so that eviction and expiry {'never take' if verb == 'pin' else 'may take'} them",

@@ -7,6 +7,7 @@ readdir):
                       JSON request, read the JSON reply from the same open file. Only root
                       and the daemon's user may open it.
     .kvfs/stats.json  Warehouse.stats() as JSON, a snapshot taken at open (mode 0444).
+    .kvfs/metrics     the same in the Prometheus text format (kvfs.metrics).
 
 Requests and replies (`run` below is the one dispatcher, used in the daemon and, for an
 unmounted warehouse, in the tool's own process):
@@ -35,6 +36,7 @@ from .errors import (
 CONTROL_DIR = ".kvfs"
 CONTROL_FILE = "control"
 STATS_FILE = "stats.json"
+METRICS_FILE = "metrics"
 MAX_REQUEST = 64 << 10
 OPERATIONS = ("stats", "retire", "gc", "tune")
 

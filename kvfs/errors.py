@@ -59,6 +59,10 @@ class FileTooBig(KvfsError):
     errno = errno.EFBIG
 
 
+class QuotaExceeded(KvfsError):
+    errno = errno.EDQUOT
+
+
 class NoAttr(KvfsError):
     errno = errno.ENODATA
 

@@ -23,7 +23,7 @@ import trio
 from . import control
 from .errors import KvfsError
 from .meta import ROOT_INO, Inode
-from .warehouse import CONTROL_NAME
+from .warehouse import CONTROL_NAME, QUOTA_XATTR
 
 log = logging.getLogger("kvfs.fs")
 
@@ -37,11 +37,17 @@ STATFS_BSIZE = 4096  # the alignment O_DIRECT clients should use (LMCache reads 
 CTL_DIR_INO = (1 << 63) + 1
 CTL_FILE_INO = CTL_DIR_INO + 1
 STATS_INO = CTL_DIR_INO + 2
-VIRTUAL_NAMES = {control.CONTROL_FILE.encode(): CTL_FILE_INO, control.STATS_FILE.encode(): STATS_INO}
+METRICS_INO = CTL_DIR_INO + 3
+VIRTUAL_NAMES = {
+    control.CONTROL_FILE.encode(): CTL_FILE_INO,
+    control.STATS_FILE.encode(): STATS_INO,
+    control.METRICS_FILE.encode(): METRICS_INO,
+}
 VIRTUAL_MODES = {
     CTL_DIR_INO: stat.S_IFDIR | 0o755,
     CTL_FILE_INO: stat.S_IFREG | 0o600,  # root and the daemon's user only
     STATS_INO: stat.S_IFREG | 0o444,
+    METRICS_INO: stat.S_IFREG | 0o444,
 }
 VIRTUAL_FH = 1 << 62  # handles of open control files count up from here
 
@@ -94,9 +100,10 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, warehouse):
+    def __init__(self, warehouse, registry=None):
         super().__init__()
         self.wh = warehouse
+        self.registry = registry  # Prometheus registry of the warehouse (kvfs.metrics)
         self._dirs: dict[int, int] = {}
         self._next_dir_fh = 1
         self._ctl: dict[int, _ControlHandle] = {}
@@ -211,17 +218,17 @@ class Operations(pyfuse3.Operations):
     @_fuse_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         self._refuse(parent_inode, name)
-        return self._entry(self.wh.mknod(parent_inode, name, mode, ctx.uid, ctx.gid, rdev))
+        return self._entry(self.wh.mknod(parent_inode, name, mode, ctx.uid, ctx.gid, rdev, pid=ctx.pid))
 
     @_fuse_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
         self._refuse(parent_inode, name)
-        return self._entry(self.wh.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
+        return self._entry(self.wh.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid, pid=ctx.pid))
 
     @_fuse_errors
     async def symlink(self, parent_inode, name, target, ctx):
         self._refuse(parent_inode, name)
-        return self._entry(self.wh.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
+        return self._entry(self.wh.symlink(parent_inode, name, target, ctx.uid, ctx.gid, pid=ctx.pid))
 
     @_fuse_errors
     async def link(self, inode, new_parent_inode, new_name, ctx):
@@ -296,8 +303,8 @@ class Operations(pyfuse3.Operations):
         s.f_blocks = st["capacity"] // STATFS_BSIZE
         s.f_bfree = st["free"] // STATFS_BSIZE
         s.f_bavail = s.f_bfree
-        s.f_files = max(st["files"] + (1 << 32), 1)
-        s.f_ffree = s.f_files - st["files"]
+        s.f_files = st["inodes"] + (1 << 32)
+        s.f_ffree = s.f_files - st["inodes"]
         s.f_favail = s.f_ffree
         s.f_namemax = 255
         return s
@@ -306,9 +313,16 @@ class Operations(pyfuse3.Operations):
 
     # user.kvfs.pin and user.kvfs.ttl on a directory walk its subtree: in a thread.
 
+    @staticmethod
+    def _check_admin(name: bytes, ctx) -> None:
+        # A tenant may own its directory, but not raise its own quota.
+        if name == QUOTA_XATTR and ctx.uid not in (0, os.getuid()):
+            raise pyfuse3.FUSEError(errno.EPERM)
+
     @_fuse_errors
     async def setxattr(self, inode, name, value, ctx):
         self._refuse(0, b"", inode)
+        self._check_admin(name, ctx)
         await trio.to_thread.run_sync(self.wh.setxattr, inode, name, value)
 
     @_fuse_errors
@@ -326,6 +340,7 @@ class Operations(pyfuse3.Operations):
     @_fuse_errors
     async def removexattr(self, inode, name, ctx):
         self._refuse(0, b"", inode)
+        self._check_admin(name, ctx)
         await trio.to_thread.run_sync(self.wh.removexattr, inode, name)
 
     # -- files --------------------------------------------------------------------------
@@ -347,13 +362,19 @@ class Operations(pyfuse3.Operations):
         else:
             if flags & os.O_ACCMODE != os.O_RDONLY:
                 raise pyfuse3.FUSEError(errno.EACCES)
-            stats = await trio.to_thread.run_sync(self.wh.stats)
-            handle = _ControlHandle(inode, json.dumps(stats, indent=1).encode() + b"\n")
+            handle = _ControlHandle(inode, await trio.to_thread.run_sync(self._snapshot, inode))
         fh = self._next_ctl_fh
         self._next_ctl_fh += 1
         self._ctl[fh] = handle
         # Contents are made per open: the kernel must ask for them, not cache them.
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+
+    def _snapshot(self, ino: int) -> bytes:
+        if ino == METRICS_INO:
+            from . import metrics
+
+            return metrics.render(self.registry or metrics.registry_for(self.wh))
+        return json.dumps(self.wh.stats(), indent=1).encode() + b"\n"
 
     async def _run_control(self, handle: _ControlHandle) -> bytes:
         if not handle.ran:
@@ -383,7 +404,7 @@ class Operations(pyfuse3.Operations):
         self._refuse(parent_inode, name)
         if not stat.S_ISREG(mode) and stat.S_IFMT(mode) != 0:
             raise pyfuse3.FUSEError(errno.EINVAL)
-        fh, inode = self.wh.create(parent_inode, name, mode, ctx.uid, ctx.gid)
+        fh, inode = self.wh.create(parent_inode, name, mode, ctx.uid, ctx.gid, pid=ctx.pid)
         return self._file_info(fh), self._entry(inode)
 
     @_fuse_errors

@@ -30,7 +30,7 @@ DEFAULT_GC_GRACE = 300.0  # seconds: unlinked or unfinished inodes younger than 
 
 
 class Fsck:
-    def __init__(self, wh: Warehouse, txn, repair: bool = False, progress=None,
+    def __init__(self, wh: Warehouse, txn, repair: bool = False, progress: bool = False,
                  held: frozenset[bytes] | set[bytes] = frozenset()):
         self.wh = wh
         self.meta = wh.meta
@@ -42,7 +42,19 @@ class Fsck:
         self.repaired = 0
         self.freed: list[tuple[int, int, int]] = []  # (device, offset, length) repairs freed
         self.stats = collections.Counter()
-        self.progress = progress or (lambda msg: None)
+        self.show_progress = progress  # a bar per step on standard error (a terminal)
+        self.step = ""
+
+    def each(self, dbname: str) -> list:
+        """Every record of a sub-database (a list: checks may change the database while
+        they go), with a progress bar when asked for."""
+        records = list(self.txn.cursor(db=self.db[dbname]))
+        if not self.show_progress:
+            return records
+        from tqdm import tqdm
+
+        return tqdm(records, desc=f"kvfs fsck: {self.step}", unit=" records", leave=False,
+                    file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
 
     @property
     def found_errors(self) -> bool:
@@ -54,25 +66,28 @@ class Fsck:
             self.repaired += 1
 
     def run(self, verify_data: bool = False) -> None:
-        self.progress("checking directory entries")
+        self.step = "checking directory entries"
         self.check_entries()
-        self.progress("checking inodes and link counts")
+        self.step = "checking inodes and link counts"
         self.check_inodes()
-        self.progress("checking the eviction indexes")
+        self.step = "checking the eviction indexes"
         self.check_indexes()
-        self.progress("checking block references")
+        self.step = "checking block references"
         self.check_refcounts()
-        self.progress("checking extents and free space")
+        self.step = "checking extents and free space"
         self.check_extents()
+        self.step = "checking totals and quotas"
+        self.check_totals()
+        self.check_quotas()
         if verify_data:
-            self.progress("verifying block data")
+            self.step = "verifying block data"
             self.check_data()
 
     def check_entries(self) -> None:
         txn, db = self.txn, self.db
         self.links = collections.Counter()
         self.subdirs = collections.Counter()
-        for key, val in list(txn.cursor(db=db["dentries"])):
+        for key, val in self.each("dentries"):
             parent = M.parse_u64(key[:8])
             name = key[8:]
             ino, entry_id = M.parse_dentry_val(val)
@@ -99,7 +114,7 @@ class Fsck:
             self.links[ino] += 1
             if stat.S_ISDIR(child.mode):
                 self.subdirs[parent] += 1
-        for key, name in list(txn.cursor(db=db["dirents"])):
+        for key, name in self.each("dirents"):
             parent, entry_id = M.parse_dirent_key(key)
             raw = txn.get(M.dentry_key(parent, name), db=db["dentries"])
             if raw is None or M.parse_dentry_val(raw)[1] != entry_id:
@@ -107,7 +122,7 @@ class Fsck:
                 self.problem(f"stale readdir record {name!r} in {parent}", fix)
                 if fix:
                     txn.delete(key, db=db["dirents"])
-        for key, _ in list(txn.cursor(db=db["links"])):
+        for key, _ in self.each("links"):
             ino, parent, name = M.parse_link_key(key)
             raw = txn.get(M.dentry_key(parent, name), db=db["dentries"])
             if raw is None or M.parse_dentry_val(raw)[0] != ino:
@@ -120,7 +135,7 @@ class Fsck:
         txn, db = self.txn, self.db
         orphans = {M.parse_u64(k) for k, _ in txn.cursor(db=db["orphans"])}
         retiring = {M.parse_u64(k) for k, _ in txn.cursor(db=db["retiring"])}
-        for key, val in list(txn.cursor(db=db["inodes"])):
+        for key, val in self.each("inodes"):
             inode = M.Inode.unpack(M.parse_u64(key), val)
             self.stats["inodes"] += 1
             if inode.ino == M.ROOT_INO:
@@ -144,7 +159,7 @@ class Fsck:
                 if fix:
                     inode.nlink = expect
                     self.meta.put_inode(txn, inode)
-        for name in ("orphans", "incomplete", "symlinks", "retiring"):
+        for name in ("orphans", "incomplete", "symlinks", "retiring", "lineage", "quotas"):
             for key, _ in list(txn.cursor(db=db[name])):
                 if txn.get(key, db=db["inodes"]) is None:
                     fix = self.repair
@@ -175,10 +190,52 @@ class Fsck:
                 if fix:
                     txn.put(k, b"", db=db[name])
 
+    def check_totals(self) -> None:
+        """The totals record equals the sums over inodes and blocks (after the repairs
+        above, which keep it in step themselves)."""
+        txn, db = self.txn, self.db
+        want = M.Totals()
+        for key, val in txn.cursor(db=db["inodes"]):
+            files, nbytes = M.inode_totals(M.Inode.unpack(M.parse_u64(key), val))
+            want.files += files
+            want.file_bytes += nbytes
+        for _, val in txn.cursor(db=db["blocks"]):
+            raw, stored, referenced = M.block_totals(M.BlockRecord.unpack(val))
+            want.block_bytes += raw
+            want.stored_bytes += stored
+            want.referenced_bytes += referenced
+        have = self.meta.get_totals(txn)
+        if have != want:
+            fix = self.repair
+            self.problem(f"totals are {have}, counted {want}", fix)
+            if fix:
+                txn.put(M.TOTALS_KEY, want.pack(), db=db["totals"])
+
+    def check_quotas(self) -> None:
+        txn, db = self.txn, self.db
+        for key, _ in list(txn.cursor(db=db["quotas"])):
+            ino = M.parse_u64(key)
+            inode = self.meta.get_inode(txn, ino)
+            if inode is None:
+                continue  # check_inodes reports the record of a missing inode
+            limit, usage = self.meta.get_quota(txn, ino)
+            if not stat.S_ISDIR(inode.mode):
+                fix = self.repair
+                self.problem(f"quota on inode {ino}, which is not a directory", fix)
+                if fix:
+                    self.meta.set_quota(txn, ino, None)
+                continue
+            counted = self.meta.tree_usage(txn, ino)
+            if usage != counted:
+                fix = self.repair
+                self.problem(f"quota usage of directory {ino} is {usage}, counted {counted}", fix)
+                if fix:
+                    self.meta.set_quota(txn, ino, limit)
+
     def check_refcounts(self) -> None:
         txn, db = self.txn, self.db
         refs = collections.Counter()
-        for key, h in list(txn.cursor(db=db["bmap"])):
+        for key, h in self.each("bmap"):
             ino, idx = M.parse_bmap_key(key)
             if txn.get(M.ino_key(ino), db=db["inodes"]) is None:
                 fix = self.repair
@@ -190,7 +247,7 @@ class Fsck:
                 self.problem(f"inode {ino} block {idx} names block {h.hex()} that is not stored")
                 continue
             refs[h] += 1
-        for h, val in list(txn.cursor(db=db["blocks"])):
+        for h, val in self.each("blocks"):
             rec = M.BlockRecord.unpack(val)
             self.stats["blocks"] += 1
             if refs[h] == 0 and rec.refcount == 0 and h in self.held:
@@ -204,7 +261,7 @@ class Fsck:
                 self.problem(f"block {h.hex()} {what}", fix)
                 if fix:
                     if refs[h] == 0:
-                        txn.delete(h, db=db["blocks"])
+                        self.meta.delete_block(txn, h)
                         self.meta.free_add(txn, rec.dev, rec.offset, round_up(rec.stored_len))
                         self.freed.append((rec.dev, rec.offset, rec.stored_len))
                     else:
@@ -251,8 +308,7 @@ class Fsck:
                     self.freed.append((dev, off, length))
 
     def check_data(self) -> None:
-        txn, db = self.txn, self.db
-        for h, val in txn.cursor(db=db["blocks"]):
+        for h, val in self.each("blocks"):
             rec = M.BlockRecord.unpack(val)
             try:
                 stored = self.wh.devices.devices[rec.dev].pread(rec.stored_len, rec.offset)
@@ -310,15 +366,10 @@ def gc(wh: Warehouse, delete: bool = False, grace: float = DEFAULT_GC_GRACE) -> 
 def run_fsck(args) -> int:
     wh = Warehouse(args.warehouse, check_only=not args.repair)
     tty = sys.stderr.isatty() and not args.json
-
-    def progress(msg):
-        if tty:
-            print(f"kvfs fsck: {msg} ...", file=sys.stderr)
-
     try:
         recovered = wh.recovery
         with wh.meta.begin(write=args.repair) as txn:
-            f = Fsck(wh, txn, repair=args.repair, progress=progress)
+            f = Fsck(wh, txn, repair=args.repair, progress=tty)
             f.run(verify_data=args.verify_data)
     finally:
         wh.close()

@@ -11,6 +11,9 @@ Integers in keys are big-endian so that LMDB's byte order is numeric order.
     counters      name (b"next_ino", b"next_entry")     u64: next value to hand out (never reused)
     stats         name (b"lookup_hit", b"evicted_files" u64: cumulative count over the
                   ...)                                  warehouse's life (see Warehouse.stats)
+    totals        b"totals"                             TOTALS struct (derived sums: files and
+                                                        their bytes, blocks' raw, stored and
+                                                        referenced bytes; see Totals)
     inodes        ino u64                               INODE struct (see Inode)
     dentries      parent u64 + name                     child ino u64 + entry id u64
     dirents       parent u64 + entry id u64             name   (readdir order; ids are stable
@@ -25,6 +28,10 @@ Integers in keys are big-endian so that LMDB's byte order is numeric order.
     retiring      ino u64                               parent u64 + name (a directory detached by
                                                         kvfs retire whose subtree is being
                                                         deleted in batches)
+    lineage       ino u64                               LINEAGE struct + process name: who
+                                                        created the file, when; opens since
+    quotas        directory ino u64                     limit u64 + usage u64 (usage: the sizes
+                                                        of the regular-file names below it)
     symlinks      ino u64                               target bytes
     xattrs        ino u64 + name                        value
     bmap          ino u64 + block index u64             block hash (16 bytes); absent = hole
@@ -37,7 +44,9 @@ Integers in keys are big-endian so that LMDB's byte order is numeric order.
     incomplete    ino u64                               parent u64 + name (a regular file created
                                                         and never flushed: recovery removes it)
 
-Invariants: lru and expiry hold exactly evict_keys() of every inode (put_inode and
+Invariants: lru and expiry hold exactly evict_keys() of every inode, totals the sums
+of inode_totals() and block_totals(), and quotas' usage the sizes below each quota
+directory (put_inode, put_block, delete_block, add_link, remove_link and
 delete_inode_records keep them so; nothing else writes them); links holds exactly the
 dentries, reversed. A block's refcount is the number of bmap values naming it (0 only while an open
 file that is being written holds it in memory, never after recovery); no two blocks' extents
@@ -64,6 +73,9 @@ DB_NAMES = (
     b"lru",
     b"expiry",
     b"retiring",
+    b"totals",
+    b"lineage",
+    b"quotas",
     b"symlinks",
     b"xattrs",
     b"bmap",
@@ -80,6 +92,10 @@ _U64x2 = struct.Struct(">QQ")
 _DEV_OFF = struct.Struct(">HQ")
 _INODE = struct.Struct(">IIIIQqqqIII")
 _BLOCK = struct.Struct(">HQIIBI")
+_TOTALS = struct.Struct(">qqqqq")
+_LINEAGE = struct.Struct(">qIIIQ")
+_QUOTA = struct.Struct(">QQ")
+TOTALS_KEY = b"totals"
 
 # Inode flags
 F_INCOMPLETE = 1  # created, never flushed: removed by recovery after a crash
@@ -195,6 +211,55 @@ def evict_keys(inode: Inode | None) -> tuple[bytes | None, bytes | None]:
     return lru, expiry
 
 
+def inode_totals(inode: Inode | None) -> tuple[int, int]:
+    """(files, file bytes) an inode adds to the totals: linked regular files count."""
+    if inode is None or not stat.S_ISREG(inode.mode) or inode.nlink == 0:
+        return 0, 0
+    return 1, inode.size
+
+
+@dataclass
+class Totals:
+    """Sums kept in step with every inode and block record (so statistics never scan).
+
+    files, file_bytes: linked regular files and their sizes (holes included);
+    block_bytes: raw bytes of the stored blocks (each once); stored_bytes: what they take
+    on the devices; referenced_bytes: raw bytes times references (what files would take
+    without deduplication). Deduplication ratio referenced/block, compression block/stored.
+    """
+    files: int = 0
+    file_bytes: int = 0
+    block_bytes: int = 0
+    stored_bytes: int = 0
+    referenced_bytes: int = 0
+
+    def pack(self) -> bytes:
+        return _TOTALS.pack(self.files, self.file_bytes, self.block_bytes, self.stored_bytes,
+                            self.referenced_bytes)
+
+    @classmethod
+    def unpack(cls, b: bytes | None) -> "Totals":
+        return cls() if b is None else cls(*_TOTALS.unpack(b))
+
+
+@dataclass
+class Lineage:
+    """Who made a file and how much it is used (kvfs ls/find)."""
+    created_ns: int
+    uid: int
+    gid: int
+    pid: int
+    opens: int = 0
+    comm: bytes = b""  # the creating process's name (/proc/PID/comm), at most 16 bytes
+
+    def pack(self) -> bytes:
+        return _LINEAGE.pack(self.created_ns, self.uid, self.gid, self.pid, self.opens) + self.comm[:16]
+
+    @classmethod
+    def unpack(cls, b: bytes) -> "Lineage":
+        return cls(*_LINEAGE.unpack(b[:_LINEAGE.size]), b[_LINEAGE.size:])
+
+
 @dataclass
 class BlockRecord:
     dev: int
@@ -212,6 +277,13 @@ class BlockRecord:
     @classmethod
     def unpack(cls, b: bytes) -> "BlockRecord":
         return cls(*_BLOCK.unpack(b))
+
+
+def block_totals(rec: BlockRecord | None) -> tuple[int, int, int]:
+    """(block bytes, stored bytes, referenced bytes) a block record adds to the totals."""
+    if rec is None:
+        return 0, 0, 0
+    return rec.raw_len, rec.stored_len, rec.raw_len * rec.refcount
 
 
 class Meta:
@@ -280,11 +352,95 @@ class Meta:
         return None if raw is None else Inode.unpack(ino, raw)
 
     def put_inode(self, txn, inode: Inode) -> None:
-        """Store an inode and keep the eviction indexes derived from it in step."""
+        """Store an inode and keep what is derived from it in step: the eviction indexes,
+        the totals and the usage of the quota directories above its names."""
         key = ino_key(inode.ino)
         raw = txn.get(key, db=self.db["inodes"])
-        self._reindex(txn, Inode.unpack(inode.ino, raw) if raw is not None else None, inode)
+        old = Inode.unpack(inode.ino, raw) if raw is not None else None
+        self._reindex(txn, old, inode)
         txn.put(key, inode.pack(), db=self.db["inodes"])
+        (f0, b0), (f1, b1) = inode_totals(old), inode_totals(inode)
+        self._add_totals(txn, files=f1 - f0, file_bytes=b1 - b0)
+        if old is not None and stat.S_ISREG(inode.mode) and inode.size != old.size and self.has_quotas(txn):
+            for parent, _ in self.names_of(txn, inode.ino):
+                self._quota_add(txn, self.quota_roots(txn, parent), inode.size - old.size)
+
+    def _add_totals(self, txn, **delta) -> None:
+        if not any(delta.values()):
+            return
+        t = Totals.unpack(txn.get(TOTALS_KEY, db=self.db["totals"]))
+        for name, d in delta.items():
+            setattr(t, name, getattr(t, name) + d)
+        txn.put(TOTALS_KEY, t.pack(), db=self.db["totals"])
+
+    def get_totals(self, txn) -> Totals:
+        return Totals.unpack(txn.get(TOTALS_KEY, db=self.db["totals"]))
+
+    def get_lineage(self, txn, ino: int) -> Lineage | None:
+        raw = txn.get(ino_key(ino), db=self.db["lineage"])
+        return None if raw is None else Lineage.unpack(raw)
+
+    def put_lineage(self, txn, ino: int, lineage: Lineage) -> None:
+        txn.put(ino_key(ino), lineage.pack(), db=self.db["lineage"])
+
+    # -- quotas: a directory's usage is the sum of the sizes of the regular-file names
+    #    below it (a file with two names there counts twice); add_link, remove_link and
+    #    put_inode keep it.
+
+    def has_quotas(self, txn) -> bool:
+        return txn.stat(self.db["quotas"])["entries"] > 0
+
+    def get_quota(self, txn, ino: int) -> tuple[int, int] | None:
+        raw = txn.get(ino_key(ino), db=self.db["quotas"])
+        return None if raw is None else _QUOTA.unpack(raw)
+
+    def set_quota(self, txn, ino: int, limit: int | None) -> None:
+        """Give directory `ino` a quota of `limit` bytes (None: none); its usage is
+        counted now."""
+        if limit is None:
+            txn.delete(ino_key(ino), db=self.db["quotas"])
+        else:
+            txn.put(ino_key(ino), _QUOTA.pack(limit, self.tree_usage(txn, ino)), db=self.db["quotas"])
+
+    def quota_roots(self, txn, directory: int) -> list[int]:
+        """The directories with a quota at or above `directory`."""
+        out, seen = [], set()
+        d = directory
+        while d not in seen:
+            seen.add(d)
+            if txn.get(ino_key(d), db=self.db["quotas"]) is not None:
+                out.append(d)
+            names = self.names_of(txn, d) if d != ROOT_INO else []
+            if not names:  # the root, or a directory being retired
+                break
+            d = names[0][0]
+        return out
+
+    def tree_usage(self, txn, ino: int) -> int:
+        """What inode `ino` counts in a quota: its size, or all below a directory."""
+        inode = self.get_inode(txn, ino)
+        if inode is None:
+            return 0
+        if stat.S_ISREG(inode.mode):
+            return inode.size
+        if not stat.S_ISDIR(inode.mode):
+            return 0
+        total, stack = 0, [ino]
+        while stack:
+            d = stack.pop()
+            for key, name in self.iter_prefix(txn, "dirents", ino_key(d)):
+                raw = txn.get(dentry_key(d, name), db=self.db["dentries"])
+                child = raw and self.get_inode(txn, parse_dentry_val(raw)[0])
+                if child and stat.S_ISREG(child.mode):
+                    total += child.size
+                elif child and stat.S_ISDIR(child.mode):
+                    stack.append(child.ino)
+        return total
+
+    def _quota_add(self, txn, roots: list[int], delta: int) -> None:
+        for r in roots:
+            limit, usage = self.get_quota(txn, r)
+            txn.put(ino_key(r), _QUOTA.pack(limit, max(0, usage + delta)), db=self.db["quotas"])
 
     def _reindex(self, txn, old: Inode | None, new: Inode | None) -> None:
         for dbname, o, n in zip(("lru", "expiry"), evict_keys(old), evict_keys(new)):
@@ -296,9 +452,13 @@ class Meta:
 
     def add_link(self, txn, ino: int, parent: int, name: bytes) -> None:
         txn.put(link_key(ino, parent, name), b"", db=self.db["links"])
+        if self.has_quotas(txn):
+            self._quota_add(txn, self.quota_roots(txn, parent), self.tree_usage(txn, ino))
 
     def remove_link(self, txn, ino: int, parent: int, name: bytes) -> None:
         txn.delete(link_key(ino, parent, name), db=self.db["links"])
+        if self.has_quotas(txn):
+            self._quota_add(txn, self.quota_roots(txn, parent), -self.tree_usage(txn, ino))
 
     def names_of(self, txn, ino: int) -> list[tuple[int, bytes]]:
         """Every (parent, name) under which inode `ino` is linked."""
@@ -309,7 +469,18 @@ class Meta:
         return None if raw is None else BlockRecord.unpack(raw)
 
     def put_block(self, txn, h: bytes, rec: BlockRecord) -> None:
+        old = self.get_block(txn, h)
         txn.put(h, rec.pack(), db=self.db["blocks"])
+        self._add_block_totals(txn, old, rec)
+
+    def delete_block(self, txn, h: bytes) -> None:
+        old = self.get_block(txn, h)
+        txn.delete(h, db=self.db["blocks"])
+        self._add_block_totals(txn, old, None)
+
+    def _add_block_totals(self, txn, old: BlockRecord | None, new: BlockRecord | None) -> None:
+        (r0, s0, f0), (r1, s1, f1) = block_totals(old), block_totals(new)
+        self._add_totals(txn, block_bytes=r1 - r0, stored_bytes=s1 - s0, referenced_bytes=f1 - f0)
 
     def iter_prefix(self, txn, dbname: str, prefix: bytes, start: bytes | None = None):
         """Yield (key, value) of `dbname` whose key starts with `prefix`, from `start`."""
@@ -325,7 +496,10 @@ class Meta:
         """Delete every record of inode `ino`; return the block hashes its map named
         (the caller decides what happens to their reference counts)."""
         prefix = ino_key(ino)
-        self._reindex(txn, self.get_inode(txn, ino), None)
+        old = self.get_inode(txn, ino)
+        self._reindex(txn, old, None)
+        files, nbytes = inode_totals(old)
+        self._add_totals(txn, files=-files, file_bytes=-nbytes)
         hashes = []
         for key, val in list(self.iter_prefix(txn, "bmap", prefix)):
             txn.delete(key, db=self.db["bmap"])
@@ -333,7 +507,7 @@ class Meta:
         for dbname in ("xattrs", "links"):
             for key, _ in list(self.iter_prefix(txn, dbname, prefix)):
                 txn.delete(key, db=self.db[dbname])
-        for name in ("symlinks", "orphans", "incomplete", "retiring", "inodes"):
+        for name in ("symlinks", "orphans", "incomplete", "retiring", "lineage", "quotas", "inodes"):
             txn.delete(prefix, db=self.db[name])
         return hashes
 

@@ -24,15 +24,17 @@ CHECKPOINT_INTERVAL = 5.0  # seconds; bounds what a power cut can take (like ext
 HOUSEKEEPING_INTERVAL = 1.0  # seconds between looks for expired files and retired trees
 READ_AHEAD_KB = 4096
 # Mount options that belong to kvfs rather than to FUSE / the kernel.
-KVFS_OPTIONS = {"compress", "durability"}
+KVFS_OPTIONS = {"compress", "durability", "metrics_port", "metrics_addr"}
 
 
 def setup_logging(warehouse: str, debug: bool, to_stderr: bool) -> None:
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     fmt = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
-    fh = logging.handlers.RotatingFileHandler(
-        os.path.join(warehouse, LOG_FILE), maxBytes=16 << 20, backupCount=3)
+    os.umask(0o077)  # the log (and its rotations) may name files: owner only
+    path = os.path.join(warehouse, LOG_FILE)
+    fh = logging.handlers.RotatingFileHandler(path, maxBytes=16 << 20, backupCount=3)
+    os.chmod(path, 0o600)
     fh.setFormatter(fmt)
     root.addHandler(fh)
     if to_stderr:
@@ -99,7 +101,21 @@ def serve(warehouse: str, mountpoint: str, fuse_opts: set[str], kvfs_opts: dict[
     except QuietError as exc:
         tell(f"error {exc.exitcode} {exc}")
         raise
-    ops = Operations(wh)
+    from . import metrics
+
+    registry = metrics.registry_for(wh)
+    ops = Operations(wh, registry)
+    metrics_server = None
+    if kvfs_opts.get("metrics_port"):
+        addr = kvfs_opts.get("metrics_addr") or "127.0.0.1"
+        try:
+            metrics_server = metrics.serve(registry, int(kvfs_opts["metrics_port"]), addr)
+        except OSError as exc:
+            wh.close()
+            msg = f"cannot serve metrics on {addr}:{kvfs_opts['metrics_port']}: {exc.strerror}"
+            tell(f"error {EXIT_MOUNT_FAILED} {msg}")
+            raise QuietError(msg, EXIT_MOUNT_FAILED) from None
+        log.info("serving Prometheus metrics on http://%s:%s/metrics", addr, kvfs_opts["metrics_port"])
     fsname = wh.path.replace("\\", "\\\\").replace(",", "\\,")  # libfuse option syntax
     options = set(pyfuse3.default_options) | {f"fsname={fsname}", "subtype=kvfs"} | fuse_opts
     try:
@@ -189,6 +205,8 @@ def serve(warehouse: str, mountpoint: str, fuse_opts: set[str], kvfs_opts: dict[
         trio.run(main)
         unmounted = True
     finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
         try:
             pyfuse3.close(unmount=True)
         except Exception:

@@ -53,6 +53,7 @@ from .errors import (
     NotEmpty,
     NotFound,
     QuietError,
+    QuotaExceeded,
     ReadOnly,
     EXIT_EXISTS,
     EXIT_IN_USE,
@@ -61,6 +62,7 @@ from .errors import (
     EXIT_USAGE,
 )
 from .store import DATA_START, Device, DeviceSet, prepare_device, round_up
+from .units import parse_size
 
 log = logging.getLogger("kvfs.warehouse")
 
@@ -78,6 +80,8 @@ REAP_BATCH = 512  # entries deleted per transaction by retire
 CONTROL_NAME = b".kvfs"  # the control directory in the mount's root (kvfs.fs serves it)
 PIN_XATTR = b"user.kvfs.pin"
 TTL_XATTR = b"user.kvfs.ttl"
+QUOTA_XATTR = b"user.kvfs.quota"
+POLICY_XATTRS = (PIN_XATTR, TTL_XATTR, QUOTA_XATTR)  # kept in the inode or quotas, not as xattrs
 BLOCK_CACHE_BYTES = 64 << 20
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -125,6 +129,9 @@ class OpenFile:
         self.codec = codec
         self.handles = 0
         self.writers = 0  # handles open for writing: the file is never evicted meanwhile
+        self.base_size = size  # the committed size
+        self.pending = 0  # bytes of growth counted against quotas until the next commit
+        self.quota_roots: list[int] | None = None  # quota directories above it, once known
         self.dirty: dict[int, bytearray] = {}  # partially written blocks, in memory
         self.changes: dict[int, Pending | None] = {}  # stored blocks; None: a hole
         self.trunc_blocks: int | None = None  # committed blocks from here on are dropped
@@ -187,6 +194,7 @@ class Warehouse:
             "low_watermark": low_watermark,
         }
         meta = M.Meta(meta_dir)
+        os.chmod(meta_dir, 0o700)  # names, lineage and annotations are for root and the owner
         try:
             with meta.begin(write=True) as txn:
                 meta.put_json(txn, b"superblock", sb)
@@ -241,6 +249,9 @@ class Warehouse:
         self.high_watermark = self.sb.get("high_watermark", DEFAULT_HIGH_WATERMARK)
         self.low_watermark = self.sb.get("low_watermark", DEFAULT_LOW_WATERMARK)
         self._accessed: dict[int, int] = {}  # ino -> ns: access times not yet written
+        self._opens: dict[int, int] = collections.Counter()  # ino -> opens not yet counted
+        # Quotas: bytes that open files have grown by and not committed, per quota directory.
+        self._quota_pending: dict[int, int] = collections.Counter()
         # Set when use passes the high watermark: the mount daemon's evictor waits on it.
         self.pressure = threading.Event()
         # Called (outside any lock) with [(parent, name, ino)] of names that the warehouse
@@ -513,7 +524,7 @@ class Warehouse:
     def _settle(self, txn, h: bytes, rec: M.BlockRecord, effects: list, releasing) -> None:
         """Store `rec`, or free it if nothing refers to it and no open file pins it."""
         if rec.refcount == 0 and self._held.get(h, 0) - releasing.get(h, 0) <= 0:
-            txn.delete(h, db=self.meta.db["blocks"])
+            self.meta.delete_block(txn, h)
             self.meta.free_add(txn, rec.dev, rec.offset, round_up(rec.stored_len))
             effects.append((rec.dev, rec.offset, rec.stored_len))
         else:
@@ -576,7 +587,8 @@ class Warehouse:
         self._apply(effects)
 
     def _make(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
-              rdev: int = 0, target: bytes | None = None, incomplete: bool = False) -> M.Inode:
+              rdev: int = 0, target: bytes | None = None, incomplete: bool = False,
+              pid: int = 0) -> M.Inode:
         check_name(name)
         self._check_writable()
         with self._lock, self.meta.begin(write=True) as txn:
@@ -592,21 +604,25 @@ class Warehouse:
                 inode.flags |= M.F_INCOMPLETE
                 txn.put(M.ino_key(inode.ino), M.u64(parent) + name, db=self.meta.db["incomplete"])
             self.meta.put_inode(txn, inode)
+            self.meta.put_lineage(txn, inode.ino, M.Lineage(inode.ctime_ns, uid, gid, pid, 0, _process_name(pid)))
             self._touch_dir(txn, pdir, inode.ctime_ns, 1 if stat.S_ISDIR(mode) else 0)
             return inode
 
-    def mknod(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0) -> M.Inode:
+    # uid, gid and pid are the caller's: the new inode's owner, and its lineage record.
+
+    def mknod(self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
+              pid: int = 0) -> M.Inode:
         if stat.S_IFMT(mode) not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
             raise Invalid("unsupported file type")
-        return self._make(parent, name, mode, uid, gid, rdev)
+        return self._make(parent, name, mode, uid, gid, rdev, pid=pid)
 
-    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> M.Inode:
-        return self._make(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
+    def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int, pid: int = 0) -> M.Inode:
+        return self._make(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid, pid=pid)
 
-    def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> M.Inode:
+    def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int, pid: int = 0) -> M.Inode:
         if len(target) > 4095:
             raise NameTooLong("symlink target too long")
-        return self._make(parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
+        return self._make(parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target, pid=pid)
 
     def readlink(self, ino: int) -> bytes:
         with self.meta.begin() as txn:
@@ -798,6 +814,7 @@ class Warehouse:
                     inode.gid = gid
                 if atime_ns is not None:
                     inode.atime_ns = atime_ns
+                    self._accessed.pop(ino, None)  # an explicit time wins over an earlier use
                 if mtime_ns is not None:
                     inode.mtime_ns = mtime_ns
                     of = self._open.get(ino)
@@ -820,7 +837,10 @@ class Warehouse:
                 return b"1"
             if name == TTL_XATTR and inode.ttl:
                 return str(inode.ttl).encode()
-            val = None if name in (PIN_XATTR, TTL_XATTR) else txn.get(M.xattr_key(ino, name), db=self.meta.db["xattrs"])
+            quota = self.meta.get_quota(txn, ino) if name == QUOTA_XATTR else None
+            if quota is not None:
+                return str(quota[0]).encode()
+            val = None if name in POLICY_XATTRS else txn.get(M.xattr_key(ino, name), db=self.meta.db["xattrs"])
         if val is None:
             raise NoAttr(f"no attribute {name!r}")
         return val
@@ -835,6 +855,8 @@ class Warehouse:
             return self.set_pin(ino, _parse_flag(value))
         if name == TTL_XATTR:
             return self.set_ttl(ino, _parse_ttl(value))
+        if name == QUOTA_XATTR:
+            return self.set_quota(ino, _parse_quota(value))
         if name == b"user.kvfs.compress":
             codecs.codec_by_name(value.decode(errors="replace").strip())
         with self._lock, self.meta.begin(write=True) as txn:
@@ -848,16 +870,21 @@ class Warehouse:
             inode = self._get_inode(txn, ino)
             prefix = M.ino_key(ino)
             names = [k[8:] for k, _ in self.meta.iter_prefix(txn, "xattrs", prefix)]
+            quota = self.meta.get_quota(txn, ino)
         if inode.flags & M.F_PINNED:
             names.append(PIN_XATTR)
         if inode.ttl:
             names.append(TTL_XATTR)
+        if quota is not None:
+            names.append(QUOTA_XATTR)
         return names
 
     def removexattr(self, ino: int, name: bytes) -> None:
         self._check_writable()
-        if name in (PIN_XATTR, TTL_XATTR):
+        if name in POLICY_XATTRS:
             self.getxattr(ino, name)  # ENODATA when not set
+            if name == QUOTA_XATTR:
+                return self.set_quota(ino, None)
             return self.set_pin(ino, False) if name == PIN_XATTR else self.set_ttl(ino, 0)
         with self._lock, self.meta.begin(write=True) as txn:
             inode = self._get_inode(txn, ino)
@@ -882,6 +909,53 @@ class Warehouse:
             inode.ttl, old = ttl, inode.ttl
             return ttl != old
         return self._apply_to_tree(ino, change)
+
+    def set_quota(self, ino: int, limit: int | None) -> None:
+        """Limit what may be stored below directory `ino` to `limit` bytes of file sizes
+        (None: no limit); growing past it fails with EDQUOT. Its usage is counted now."""
+        self._check_writable()
+        with self._lock, self.meta.begin(write=True) as txn:
+            inode = self._get_inode(txn, ino)
+            if not stat.S_ISDIR(inode.mode):
+                raise NotADirectory("a quota is set on a directory")
+            self.meta.set_quota(txn, ino, limit)
+            inode.ctime_ns = now_ns()
+            self.meta.put_inode(txn, inode)
+            for of in self._open.values():  # quota directories above open files may change
+                if not of.pending:
+                    of.quota_roots = None
+
+    def _charge(self, of: OpenFile, new_size: int) -> None:
+        """Count `of` growing to `new_size` against the quotas above it, QuotaExceeded if
+        that would pass one; a shrink gives back what was counted."""
+        if not of.pending:
+            with self.meta.begin() as txn:
+                if not self.meta.has_quotas(txn):
+                    return
+        pending = max(0, new_size - of.base_size)
+        delta = pending - of.pending
+        if not delta:
+            return
+        with self.meta.begin() as txn:
+            if of.quota_roots is None:
+                of.quota_roots = sorted({r for parent, _ in self.meta.names_of(txn, of.ino)
+                                         for r in self.meta.quota_roots(txn, parent)})
+            for r in of.quota_roots if delta > 0 else ():
+                limit, usage = self.meta.get_quota(txn, r) or (1 << 63, 0)
+                if usage + self._quota_pending[r] + delta > limit:
+                    self.counters["quota_refusals"] += 1
+                    raise QuotaExceeded(f"quota of directory inode {r} ({limit} bytes) would be exceeded")
+        for r in of.quota_roots:
+            self._quota_pending[r] += delta
+        of.pending = pending
+
+    def _settle_quota(self, of: OpenFile, committed_size: int) -> None:
+        """The file's size is committed (or back to the committed one): its growth is in
+        the quotas' usage now, not pending."""
+        for r in of.quota_roots or ():
+            self._quota_pending[r] -= of.pending
+        of.pending = 0
+        of.base_size = committed_size
 
     def _apply_to_tree(self, ino: int, change) -> int:
         """Apply change(inode) -> changed to `ino` and, for a directory, to every inode
@@ -923,7 +997,7 @@ class Warehouse:
 
     def statfs(self) -> dict:
         with self.meta.begin() as txn:
-            files = txn.stat(self.meta.db["inodes"])["entries"]
+            inodes = txn.stat(self.meta.db["inodes"])["entries"]
             blocks = txn.stat(self.meta.db["blocks"])["entries"]
         capacity = self.devices.capacity
         free = self.devices.free_bytes
@@ -931,11 +1005,13 @@ class Warehouse:
             "capacity": capacity,
             "free": free,
             "used": capacity - free,
-            "files": files,
+            "inodes": inodes,
             "blocks": blocks,
             "block_size": self.block_size,
             "devices": [
-                {"path": d.path, "size": d.size - DATA_START, "free": f.free_bytes}
+                {"index": d.index, "path": d.path, "size": d.size - DATA_START, "free": f.free_bytes,
+                 "reads": d.reads, "read_bytes": d.read_bytes, "writes": d.writes,
+                 "write_bytes": d.write_bytes}
                 for d, f in zip(self.devices.devices, self.devices.free)
             ],
         }
@@ -949,12 +1025,19 @@ class Warehouse:
             return
         with self._lock:
             accessed, self._accessed = self._accessed, {}
+            opens, self._opens = self._opens, collections.Counter()
             with self.meta.begin(write=True) as txn:
                 for ino, t in accessed.items():
                     inode = self.meta.get_inode(txn, ino)
-                    if inode is not None and t - inode.atime_ns >= ACCESS_GRANULARITY_NS:
+                    if inode is None:
+                        continue
+                    if t - inode.atime_ns >= ACCESS_GRANULARITY_NS:
                         inode.atime_ns = t
                         self.meta.put_inode(txn, inode)
+                    lineage = self.meta.get_lineage(txn, ino) if opens[ino] else None
+                    if lineage is not None:
+                        lineage.opens += opens[ino]
+                        self.meta.put_lineage(txn, ino, lineage)
 
     def _allocate(self, length: int, prefer: int) -> tuple[int, int]:
         """An extent for `length` bytes. A full warehouse makes room by evicting, inline;
@@ -1201,16 +1284,36 @@ class Warehouse:
         return {n: self._stats_base.get(n, 0) + self.counters.get(n, 0) for n in sorted(names)}
 
     def stats(self) -> dict:
-        """What `kvfs stat` and .kvfs/stats.json show."""
+        """What `kvfs stat`, .kvfs/stats.json and the metrics show: nothing here scans."""
         st = self.statfs()
         with self.meta.begin() as txn:
+            totals = self.meta.get_totals(txn)
             st["evictable_files"] = txn.stat(self.meta.db["lru"])["entries"]
             st["expiring_files"] = txn.stat(self.meta.db["expiry"])["entries"]
             st["retiring"] = txn.stat(self.meta.db["retiring"])["entries"]
-        st["high_watermark"] = self.high_watermark
-        st["low_watermark"] = self.low_watermark
-        st["counters"] = self.stats_totals()
-        st["open_files"] = len(self._open)
+            st["quotas"] = txn.stat(self.meta.db["quotas"])["entries"]
+            state = self.meta.get_json(txn, b"state") or {}
+        counters = self.stats_totals()
+        hits, misses = counters.get("lookup_hit", 0), counters.get("lookup_miss", 0)
+        st.update(
+            warehouse=self.path,
+            uuid=self.sb["uuid"],
+            mountpoint=state.get("mountpoint") if not state.get("clean") else None,
+            clean=bool(state.get("clean")),
+            readonly=self.readonly,
+            high_watermark=self.high_watermark,
+            low_watermark=self.low_watermark,
+            files=totals.files,
+            file_bytes=totals.file_bytes,
+            block_bytes=totals.block_bytes,
+            stored_bytes=totals.stored_bytes,
+            referenced_bytes=totals.referenced_bytes,
+            dedup_ratio=round(totals.referenced_bytes / totals.block_bytes, 3) if totals.block_bytes else 1.0,
+            compression_ratio=round(totals.block_bytes / totals.stored_bytes, 3) if totals.stored_bytes else 1.0,
+            hit_rate=round(hits / (hits + misses), 4) if hits + misses else None,
+            open_files=len(self._open),
+            counters=counters,
+        )
         return st
 
     # -- files --------------------------------------------------------------------------
@@ -1243,10 +1346,12 @@ class Warehouse:
             self._next_fh += 1
             self._handles[fh] = Handle(ino, write, append)
             self._accessed[ino] = now_ns()
+            self._opens[ino] += 1
             return fh
 
-    def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> tuple[int, M.Inode]:
-        inode = self._make(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid, incomplete=True)
+    def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
+               pid: int = 0) -> tuple[int, M.Inode]:
+        inode = self._make(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid, incomplete=True, pid=pid)
         fh = self.open(inode.ino, write=True)
         with self._lock:
             self._open[inode.ino].changed = True  # the first commit marks it complete
@@ -1425,6 +1530,7 @@ class Warehouse:
             view = memoryview(data)
             old_size = of.size
             if end > of.size:
+                self._charge(of, end)
                 of.size = end
             of.changed = True
             of.mtime_ns = now_ns()
@@ -1510,6 +1616,7 @@ class Warehouse:
 
     def _truncate(self, of: OpenFile, size: int) -> None:
         bs = self.block_size
+        self._charge(of, size)
         if size < of.size:
             keep = (size + bs - 1) // bs
             tail = size % bs
@@ -1590,6 +1697,7 @@ class Warehouse:
         of.changes.clear()
         of.trunc_blocks = None
         of.changed = False
+        self._settle_quota(of, of.size)
         self._apply(effects)
         self.counters["commits"] += 1
 
@@ -1631,6 +1739,7 @@ class Warehouse:
             inode = self.meta.get_inode(txn, of.ino)
         if inode is not None:
             of.size, of.mtime_ns = inode.size, inode.mtime_ns
+        self._settle_quota(of, of.size)
 
     def take_discarded(self) -> set[int]:
         with self._lock:
@@ -1652,6 +1761,13 @@ def _parse_flag(value: bytes) -> bool:
     raise Invalid(f"{PIN_XATTR.decode()} takes 1 or 0, not {value[:40]!r}")
 
 
+def _parse_quota(value: bytes) -> int:
+    try:
+        return parse_size(value.decode())
+    except (UnicodeDecodeError, ValueError):
+        raise Invalid(f"{QUOTA_XATTR.decode()} takes a size in bytes (e.g. 500G), not {value[:40]!r}") from None
+
+
 def _parse_ttl(value: bytes) -> int:
     try:
         ttl = int(value.strip() or b"0")
@@ -1660,6 +1776,16 @@ def _parse_ttl(value: bytes) -> int:
     if not 0 <= ttl < 1 << 32:
         raise Invalid(f"{TTL_XATTR.decode()} takes seconds (0 to 4294967295), not {value[:40]!r}")
     return ttl
+
+
+def _process_name(pid: int) -> bytes:
+    if pid <= 0:
+        return b""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read(16).rstrip(b"\n")
+    except OSError:  # gone already
+        return b""
 
 
 def _lock(path: str) -> int:
