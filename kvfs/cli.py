@@ -346,7 +346,8 @@ def cmd_gc(args) -> int:
     if not r["problems"]:
         print("kvfs gc: nothing to collect" + (f" ({r['young']} younger than the grace period left alone)" if r["young"] else ""))
     elif r["deleted"]:
-        print(f"kvfs gc: {len(r['problems'])} found, {human(r['reclaimed_bytes'])} reclaimed")
+        print(f"kvfs gc: {len(r['problems'])} found, {human(r['reclaimed_bytes'])} reclaimed"
+              + (f"; {r['changed_meanwhile']} changed while gc ran: run it again" if r["changed_meanwhile"] else ""))
     else:
         print(f"kvfs gc: {len(r['problems'])} found ({human(r['leaked_bytes'])} of leaked space); "
               "run again with --delete to reclaim")

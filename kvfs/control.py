@@ -25,6 +25,7 @@ is not JSON or names no known operation makes the read fail with EINVAL.
 import errno
 import json
 import logging
+import math
 import os
 import time
 
@@ -66,8 +67,8 @@ def run(wh, op: str, args: dict) -> dict:
         from .fsck import DEFAULT_GC_GRACE, gc
 
         grace = args.get("grace", DEFAULT_GC_GRACE)
-        if not isinstance(grace, (int, float)) or grace < 0:
-            raise Invalid("grace must be a number of seconds >= 0")
+        if not isinstance(grace, (int, float)) or not math.isfinite(grace) or grace < 0:
+            raise Invalid("grace must be a finite number of seconds >= 0")
         return gc(wh, delete=bool(args.get("delete")), grace=float(grace))
     if op == "tune":
         marks = []
@@ -104,6 +105,7 @@ def handle(wh, raw: bytes) -> bytes:
 
 _EXIT_FOR_ERRNO = {
     errno.ENOENT: EXIT_USAGE, errno.EINVAL: EXIT_USAGE, errno.ENOTDIR: EXIT_USAGE,
+    errno.ENAMETOOLONG: EXIT_USAGE,
     errno.EACCES: EXIT_PERMISSION, errno.EPERM: EXIT_PERMISSION, errno.EROFS: EXIT_IN_USE,
 }
 

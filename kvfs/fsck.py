@@ -41,6 +41,9 @@ class Fsck:
         self.problems: list[str] = []
         self.repaired = 0
         self.freed: list[tuple[int, int, int]] = []  # (device, offset, length) repairs freed
+        # What gc may reclaim: ("block", hash, record bytes, references counted) and
+        # ("extent", device, offset, length), found whether or not repairing.
+        self.candidates: list[tuple] = []
         self.stats = collections.Counter()
         self.show_progress = progress  # a bar per step on standard error (a terminal)
         self.step = ""
@@ -258,6 +261,7 @@ class Fsck:
                         else f"has refcount {rec.refcount}, counted {refs[h]}")
                 if refs[h] == 0:
                     self.stats["leaked_bytes"] += round_up(rec.stored_len)
+                self.candidates.append(("block", h, bytes(val), refs[h]))
                 self.problem(f"block {h.hex()} {what}", fix)
                 if fix:
                     if refs[h] == 0:
@@ -301,6 +305,7 @@ class Fsck:
                 leaks.append((pos, size - pos))
             for off, length in leaks:
                 self.stats["leaked_bytes"] += length
+                self.candidates.append(("extent", dev, off, length))
                 fix = self.repair
                 self.problem(f"device {dev}: {length} bytes at {off} leaked (neither used nor free)", fix)
                 if fix:
@@ -323,44 +328,79 @@ def gc(wh: Warehouse, delete: bool = False, grace: float = DEFAULT_GC_GRACE) -> 
     block records that no file references (or that count wrong), unlinked inodes nobody
     has open, files created and never finished. Blocks and inodes that a running mount's
     open files use are never candidates; unlinked and unfinished inodes younger than
-    `grace` seconds are left alone (reported as young)."""
-    def scan(txn, effects):
-        repair = effects is not None
-        f = Fsck(wh, txn, repair=repair, held=wh.held_blocks())
-        now = time.time_ns()
+    `grace` seconds are left alone (reported as young).
+
+    The scan reads a snapshot without holding the warehouse; the repair then takes the
+    lock only to re-check and fix each candidate (a record that changed since the snapshot
+    is left for the next run), so a mount is not stalled for a scan of all metadata."""
+    now = time.time_ns()
+    with wh.snapshot() as (txn, held, open_inos):
+        f = Fsck(wh, txn, held=held)
         young = 0
         for dbname, what in (("orphans", "unlinked inode"), ("incomplete", "unfinished file")):
-            for key, _ in list(txn.cursor(db=f.db[dbname])):
+            for key, _ in txn.cursor(db=f.db[dbname]):
                 ino = M.parse_u64(key)
                 inode = f.meta.get_inode(txn, ino)
-                if wh.is_open(ino) or inode is None:
+                if ino in open_inos or inode is None:
                     continue  # open: its last close frees it; missing: fsck's business
                 if now - inode.ctime_ns < grace * 1e9:
                     young += 1
                     continue
-                f.problem(f"{what} {ino} ({inode.size} bytes) is not open", repair)
-                if repair:
-                    before = len(effects)
-                    (wh.purge_unlinked if dbname == "orphans" else wh.drop_incomplete)(txn, ino, effects)
-                    f.freed.extend(effects[before:])
-                    del effects[before:]
+                f.problem(f"{what} {ino} ({inode.size} bytes) is not open")
+                f.candidates.append((dbname, ino))
         f.check_refcounts()
         f.check_extents()
-        if repair:
-            effects.extend(f.freed)
-        return {
-            "problems": f.problems,
-            "leaked_bytes": f.stats["leaked_bytes"],
-            "young": young,
-            "reclaimed_bytes": sum(round_up(length) for _, _, length in f.freed),
-            "deleted": repair,
-        }
-
-    with wh.meta.begin() as txn:  # a snapshot: consistent without stopping the mount
-        report = scan(txn, None)
-    if delete and report["problems"]:
-        report = wh.maintain(scan)
+    report = {"problems": f.problems, "leaked_bytes": f.stats["leaked_bytes"], "young": young,
+              "reclaimed_bytes": 0, "changed_meanwhile": 0, "deleted": False}
+    if delete and f.candidates:
+        # Inodes last: purging them changes the block records checked before.
+        order = {"extent": 0, "block": 1, "orphans": 2, "incomplete": 2}
+        todo = sorted(f.candidates, key=lambda c: order[c[0]])
+        freed, skipped = wh.maintain(lambda txn, effects, removed: _reclaim(wh, txn, todo, effects, removed))
+        report.update(reclaimed_bytes=freed, changed_meanwhile=skipped, deleted=True)
     return report
+
+
+def _reclaim(wh: Warehouse, txn, candidates: list[tuple], effects: list, removed: list) -> tuple[int, int]:
+    """Fix gc's candidates that are still as the snapshot saw them (under the lock);
+    returns (bytes freed, candidates skipped because they changed)."""
+    meta, db = wh.meta, wh.meta.db
+    held = wh.held_blocks()
+    start, skipped = len(effects), 0
+    for c in candidates:
+        kind = c[0]
+        if kind == "extent":
+            _, dev, off, length = c
+            try:  # a leak stays a leak: only the free map and block records name space
+                meta.free_add(txn, dev, off, length)
+            except Corrupt:
+                skipped += 1
+                continue
+            effects.append((dev, off, length))
+        elif kind == "block":
+            _, h, seen, counted = c
+            raw = txn.get(h, db=db["blocks"])
+            if raw is None or bytes(raw) != seen or (counted == 0 and h in held):
+                skipped += 1  # every change to its references changes the record
+                continue
+            rec = M.BlockRecord.unpack(raw)
+            if counted == 0:
+                meta.delete_block(txn, h)
+                meta.free_add(txn, rec.dev, rec.offset, round_up(rec.stored_len))
+                effects.append((rec.dev, rec.offset, rec.stored_len))
+            else:
+                rec.refcount = counted
+                meta.put_block(txn, h, rec)
+        else:
+            ino = c[1]
+            if wh.is_open(ino) or txn.get(M.ino_key(ino), db=db[kind]) is None:
+                skipped += 1
+                continue
+            if kind == "orphans":
+                wh.purge_unlinked(txn, ino, effects)
+            else:
+                wh.drop_incomplete(txn, ino, effects, removed)
+    return sum(round_up(length) for _, _, length in effects[start:]), skipped
 
 
 def run_fsck(args) -> int:

@@ -25,6 +25,7 @@ is returned; a mismatch raises Corrupt (EIO) and is remembered.
 """
 
 import collections
+import contextlib
 import errno
 import fcntl
 import functools
@@ -343,14 +344,17 @@ class Warehouse:
         log.warning("recovered after unclean shutdown: %s", report)
         return report
 
-    def drop_incomplete(self, txn, ino: int, effects: list) -> None:
-        """Remove a file that was created and never flushed (recovery, gc)."""
+    def drop_incomplete(self, txn, ino: int, effects: list, removed: list | None = None) -> None:
+        """Remove a file that was created and never flushed (recovery, gc); its name goes
+        to `removed` for the kernel to be told."""
         db = self.meta.db
         val = txn.get(M.ino_key(ino), db=db["incomplete"])
         parent, name = M.parse_u64(val[:8]), val[8:]
         dv = txn.get(M.dentry_key(parent, name), db=db["dentries"])
         if dv is not None and M.parse_dentry_val(dv)[0] == ino:
             self._remove_entry(txn, parent, name)
+            if removed is not None:
+                removed.append((parent, name, ino))
         txn.delete(M.ino_key(ino), db=db["incomplete"])
         inode = self.meta.get_inode(txn, ino)
         if inode is not None:
@@ -373,15 +377,30 @@ class Warehouse:
             return set(self._held)
 
     def maintain(self, fn):
-        """Run fn(txn, effects) under the lock in one write transaction, then give back
-        the extents it listed in effects [(device, offset, length)] (gc)."""
+        """Run fn(txn, effects, removed) under the lock in one write transaction, then give
+        back the extents it listed in effects [(device, offset, length)] and tell the
+        kernel about the names it listed in removed [(parent, name, ino)] (gc)."""
         self._check_writable()
         effects: list = []
+        removed: list = []
         with self._lock:
             with self.meta.begin(write=True) as txn:
-                result = fn(txn, effects)
+                result = fn(txn, effects, removed)
             self._apply(effects)
+        self._notify_removed(removed)
         return result
+
+    @contextlib.contextmanager
+    def snapshot(self):
+        """A read transaction and, taken at the same instant, the blocks that files being
+        written hold and the inodes that are open (gc scans them without the lock)."""
+        with self._lock:
+            txn = self.meta.begin()
+            held, open_inos = set(self._held), set(self._open)
+        try:
+            yield txn, held, open_inos
+        finally:
+            txn.abort()
 
     def close(self) -> None:
         """Commit every open file, mark the warehouse clean and release it."""
@@ -1053,6 +1072,12 @@ class Warehouse:
                 break
             files, _ = self._evict(max(length, INLINE_EVICT_BYTES), "evicted")
             if not files and not (time.monotonic() < deadline and self.devices.wait_readers(0.5)):
+                free = self.devices.free_bytes
+                if free >= round_up(length):
+                    log.warning("no free extent of %d bytes although %d bytes are free: the free "
+                                "space is fragmented between pinned or open files", length, free)
+                    raise NoSpace(f"no free extent of {length} bytes: free space ({free} bytes) is "
+                                  "fragmented between pinned or open files")
                 raise NoSpace("warehouse is full: everything stored is pinned or open")
             loc = self.devices.allocate(length, prefer)
         if self.devices.used_bytes > self.high_watermark * self.devices.capacity:
@@ -1182,6 +1207,8 @@ class Warehouse:
             raise Invalid("the root itself has no name")
         if b".." in parts:
             raise Invalid("'..' is not allowed in a warehouse path")
+        for part in parts:
+            check_name(part)
         ino = M.ROOT_INO
         with self.meta.begin() as txn:
             for part in parts:
@@ -1351,9 +1378,9 @@ class Warehouse:
 
     def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
                pid: int = 0) -> tuple[int, M.Inode]:
-        inode = self._make(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid, incomplete=True, pid=pid)
-        fh = self.open(inode.ino, write=True)
-        with self._lock:
+        with self._lock:  # made and opened at once: never an unfinished file nobody has open
+            inode = self._make(parent, name, stat.S_IFREG | (mode & 0o7777), uid, gid, incomplete=True, pid=pid)
+            fh = self.open(inode.ino, write=True)
             self._open[inode.ino].changed = True  # the first commit marks it complete
         return fh, inode
 

@@ -19,6 +19,16 @@ from kvfs.mount import daemon_pid, find_mount, pid_alive  # noqa: F401 (tests im
 KVFS = [sys.executable, "-m", "kvfs.cli"]
 
 
+def wait_for(cond, timeout=15.0):
+    """Poll `cond` until it is true or `timeout` seconds pass; return its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
 def run_kvfs(*args, check=True, timeout=120):
     """Run the real kvfs command in a subprocess; return CompletedProcess."""
     res = subprocess.run([*KVFS, *map(str, args)], capture_output=True, text=True, timeout=timeout)

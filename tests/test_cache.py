@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import KVFS, run_kvfs
+from conftest import run_kvfs, wait_for
 from kvfs import meta as M
 from kvfs.errors import EXIT_NOT_MOUNTED, EXIT_PERMISSION, EXIT_USAGE
 from kvfs.warehouse import Warehouse
@@ -35,15 +35,6 @@ def used(m):
 def capacity(m):
     st = os.statvfs(m.path)
     return st.f_blocks * st.f_frsize
-
-
-def wait_for(cond, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 def write(path, data):
@@ -522,6 +513,10 @@ def _control_checks(m):
     os.close(fd)
     res = run_kvfs("retire", m.p("no-such-dir"), check=False)
     assert res.returncode == EXIT_USAGE and "no such file" in res.stderr
+    os.write(fd := os.open(m.p(".kvfs", "control"), os.O_RDWR),
+             json.dumps({"op": "retire", "path": "x" * 600}).encode())
+    assert json.loads(os.pread(fd, 4096, 0))["errno"] == errno.ENAMETOOLONG
+    os.close(fd)
     for fn, args, err in ((os.mkdir, (m.p(".kvfs"),), errno.EEXIST),
                           (os.unlink, (m.p(".kvfs", "control"),), errno.EPERM),
                           (os.rename, (m.p("f"), m.p(".kvfs", "f")), errno.EPERM),

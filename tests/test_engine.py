@@ -325,3 +325,92 @@ def test_threaded_readers_never_see_mixed_or_corrupt_blocks(tmp_path):
     w.close()
     assert errors == []
     assert _fsck_clean(path) == []
+
+
+# -- regressions found in the review of the cache behaviour ----------------------------------
+
+def test_gc_between_the_halves_of_create_cannot_drop_the_new_file(tmp_path):
+    """create() makes and opens a file under one lock: gc (grace 0, another thread) cannot
+    see it as an unfinished file nobody has open."""
+    import threading
+
+    from kvfs.fsck import gc
+
+    path = _fresh(tmp_path)
+    w = Warehouse(path)
+    make = w._make
+    reports = []
+
+    def make_then_gc(*args, **kw):
+        inode = make(*args, **kw)
+        t = threading.Thread(target=lambda: reports.append(gc(w, delete=True, grace=0)))
+        t.start()
+        t.join(timeout=0.5)  # gc waits for the lock that create still holds
+        return inode
+
+    w._make = make_then_gc
+    fh, inode = w.create(M.ROOT_INO, b"new", 0o644, 0, 0)
+    w.release(fh)
+    w._make = make
+    deadline = __import__("time").monotonic() + 10
+    while not reports and __import__("time").monotonic() < deadline:
+        __import__("time").sleep(0.01)
+    assert reports and reports[0]["problems"] == []
+    assert w.lookup(M.ROOT_INO, b"new").ino == inode.ino
+    w.close()
+
+
+def test_enospc_from_fragmentation_says_so(tmp_path):
+    """Pinned 64K+4K files between unpinned 60K ones: once those are evicted the free space
+    is in holes smaller than a block. The error says fragmented, not 'all pinned'."""
+    from kvfs.errors import NoSpace
+
+    path = str(tmp_path / "w")
+    Warehouse.mkfs(path, devices=[("a.img", 8 << 20)], block_size=BS, high_watermark=1.0, low_watermark=1.0)
+    w = Warehouse(path)
+    pinned = w.mkdir(M.ROOT_INO, b"pinned", 0o755, 0, 0).ino
+    w.set_pin(pinned, True)
+
+    def make(d, name, n):
+        fh, _ = w.create(d, name, 0o644, 0, 0)
+        w.write(fh, 0, os.urandom(n))
+        w.release(fh)
+
+    i = 0
+    with pytest.raises(NoSpace):
+        while True:
+            make(pinned, b"p%d" % i, BS + 4096)
+            make(M.ROOT_INO, b"u%d" % i, BS - 4096)
+            i += 1
+    with pytest.raises(NoSpace, match="fragmented"):
+        make(M.ROOT_INO, b"new", BS)
+    w.close()
+    assert _fsck_clean(path) == []
+
+
+def test_gc_leaves_a_block_that_changed_since_its_snapshot(tmp_path):
+    """gc repairs under the lock only what is still as its snapshot saw it."""
+    from kvfs.fsck import Fsck, _reclaim
+
+    path = _fresh(tmp_path)
+    w = Warehouse(path)
+    fh, a = w.create(M.ROOT_INO, b"a", 0o644, 0, 0)
+    w.write(fh, 0, _blk(5))
+    w.release(fh)
+    with w.meta.begin(write=True) as txn:  # plant: one reference too many
+        h = txn.get(M.bmap_key(a.ino, 0), db=w.meta.db["bmap"])
+        rec = w.meta.get_block(txn, h)
+        rec.refcount += 1
+        w.meta.put_block(txn, h, rec)
+    with w.snapshot() as (txn, held, _):
+        f = Fsck(w, txn, held=held)
+        f.check_refcounts()
+    assert [c[0] for c in f.candidates] == ["block"]
+    fh, _ = w.create(M.ROOT_INO, b"b", 0o644, 0, 0)  # meanwhile: another reference
+    w.write(fh, 0, _blk(5))
+    w.release(fh)
+    freed, skipped = w.maintain(lambda txn, effects, removed: _reclaim(w, txn, f.candidates, effects, removed))
+    assert (freed, skipped) == (0, 1)
+    with w.meta.begin() as txn:
+        assert w.meta.get_block(txn, h).refcount == 3  # untouched: 2 references + the planted one
+    w.close()

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import run_kvfs
+from conftest import run_kvfs, wait_for
 
 libc = ctypes.CDLL(None, use_errno=True)
 AT_FDCWD = -100
@@ -20,15 +20,6 @@ def renameat2(old, new, flags):
     if libc.renameat2(AT_FDCWD, old.encode(), AT_FDCWD, new.encode(), flags) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
-
-
-def wait_for(cond, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 def expect_errno(err, fn, *args):
