@@ -293,11 +293,21 @@ class Fsck:
             items.sort()
             pos = DATA_START
             leaks = []
+            prev = None
             for off, length, what in items:
                 if off < pos:
                     self.problem(f"device {dev}: {what} at {off} overlaps the extent before it")
                 elif off > pos:
                     leaks.append((pos, off - pos))
+                elif prev is not None and prev[2] == what == "free":
+                    # The free map is kept coalesced: two free neighbours are one extent.
+                    fix = self.repair
+                    self.problem(f"device {dev}: free extents at {prev[0]} and {off} are not merged", fix)
+                    if fix:
+                        txn.delete(M.free_key(dev, off), db=db["free"])
+                        txn.put(M.free_key(dev, prev[0]), M.u64(prev[1] + length), db=db["free"])
+                        off, length = prev[0], prev[1] + length
+                prev = (off, length, what)
                 pos = max(pos, off + length)
             if pos > size:
                 self.problem(f"device {dev}: extents run past the end of the device ({pos} > {size})")

@@ -172,4 +172,5 @@ def test_man_pages_cover_every_command_and_option():
             if action.help != argparse.SUPPRESS:
                 for opt in action.option_strings:
                     assert opt in text, f"kvfs-{page}.8 does not mention {opt}"
-        assert ".SH EXIT STATUS" in text and ".SH EXAMPLES" in text
+        for section in ("NAME", "SYNOPSIS", "OPTIONS", "EXAMPLES", "EXIT STATUS", "FILES", "SEE ALSO"):
+            assert f".SH {section}" in text, f"kvfs-{page}.8 has no {section}"

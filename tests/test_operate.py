@@ -251,18 +251,24 @@ def test_fsck_finds_and_repairs_planted_metadata_damage(make_mount):
             d = w.lookup(M.ROOT_INO, b"d").ino
             txn.put(M.ino_key(d), M._QUOTA.pack(1 << 30, 7), db=w.meta.db["quotas"])
             txn.put(M.dentry_key(d, b"ghost"), M.dentry_val(99999, 424242), db=w.meta.db["dentries"])
+            cur = txn.cursor(db=w.meta.db["free"])  # and a free extent split in two
+            assert cur.last()
+            dev, off = M.parse_free_key(cur.key())
+            length = M.parse_u64(cur.value())
+            txn.put(M.free_key(dev, off), M.u64(MiB), db=w.meta.db["free"])
+            txn.put(M.free_key(dev, off + MiB), M.u64(length - MiB), db=w.meta.db["free"])
     finally:
         w.close()
     res = run_kvfs("fsck", m.warehouse, "--json", check=False)
     report = json.loads(res.stdout)
-    assert res.returncode == EXIT_FSCK_ERRORS and len(report["problems"]) == 3, report
+    assert res.returncode == EXIT_FSCK_ERRORS and len(report["problems"]) == 4, report
     # On a terminal fsck shows its progress.
     cmd = " ".join([sys.executable, "-m", "kvfs.cli", "fsck", m.warehouse])
     tty = subprocess.run(["script", "-qec", f"stty cols 100 rows 30; {cmd}", "/dev/null"],
                          capture_output=True, text=True)
     assert "kvfs fsck: checking" in tty.stdout and "records" in tty.stdout
     res = run_kvfs("fsck", m.warehouse, "--repair", "--json")
-    assert json.loads(res.stdout)["repaired"] == 3
+    assert json.loads(res.stdout)["repaired"] == 4
     assert json.loads(run_kvfs("fsck", m.warehouse, "--json").stdout)["clean"]
     m.mount()
     assert os.path.getsize(m.p("d", "a")) == 2 * MiB
