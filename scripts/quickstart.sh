@@ -4,7 +4,7 @@
 #   KVFS_SIZE (default: 4G, at most half the free space).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+KVFS_SKIP_CLIENTS=1 bash scripts/setup.sh
 WAREHOUSE=${KVFS_WAREHOUSE:-/var/lib/kvfs/default}
 MNT=${KVFS_MOUNT:-/mnt/kvfs}
 KVFS=$PWD/.venv/bin/kvfs

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent, non-interactive set-up: Debian packages (fuse3, libfuse3-dev, pkg-config, fio),
-# a virtualenv in .venv, and kvfs with its test dependencies. Safe to run again and again.
+# a virtualenv in .venv, kvfs with its test dependencies and the inference clients the tests
+# drive (KVFS_SKIP_CLIENTS=1 skips those: the quickstart does). Safe to run again and again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,4 +41,18 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! .venv/bin/python -
         exit 1
     fi
     echo "$want" > "$stamp"
+fi
+
+# Real inference clients for the tests (LMCache on the CPU). torch is asked for on its own,
+# pinned, first: that takes the CPU build this machine keeps on disk, where lmcache's bare
+# "torch" requirement would otherwise pull a CUDA build of several GB.
+if [ "${KVFS_SKIP_CLIENTS:-}" != 1 ] && ! .venv/bin/python -c "import torch, lmcache" 2>/dev/null; then
+    echo "setup: installing the inference clients the tests use (torch CPU, LMCache)"
+    if ! { .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0" &&
+           .venv/bin/python -m pip install -q --disable-pip-version-check "lmcache==0.5.6"; } \
+           </dev/null >>.venv/pip.log 2>&1; then
+        tail -n 30 .venv/pip.log >&2
+        echo "setup: installing the clients failed (full log: .venv/pip.log)" >&2
+        exit 1
+    fi
 fi
