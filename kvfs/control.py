@@ -8,6 +8,9 @@ readdir):
                       and the daemon's user may open it.
     .kvfs/stats.json  Warehouse.stats() as JSON, a snapshot taken at open (mode 0444).
     .kvfs/metrics     the same in the Prometheus text format (kvfs.metrics).
+    .kvfs/lookup      mode 0666: write a JSON list of paths (relative to the mount's root),
+                      read a JSON list of booleans: which exist, as far as the caller may
+                      search the directories on the way. A batch costs one round trip.
 
 Requests and replies (`run` below is the one dispatcher, used in the daemon and, for an
 unmounted warehouse, in the tool's own process):
@@ -38,6 +41,7 @@ CONTROL_DIR = ".kvfs"
 CONTROL_FILE = "control"
 STATS_FILE = "stats.json"
 METRICS_FILE = "metrics"
+LOOKUP_FILE = "lookup"
 MAX_REQUEST = 64 << 10
 OPERATIONS = ("stats", "retire", "gc", "tune")
 

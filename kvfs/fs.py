@@ -38,16 +38,19 @@ CTL_DIR_INO = (1 << 63) + 1
 CTL_FILE_INO = CTL_DIR_INO + 1
 STATS_INO = CTL_DIR_INO + 2
 METRICS_INO = CTL_DIR_INO + 3
+LOOKUP_INO = CTL_DIR_INO + 4
 VIRTUAL_NAMES = {
     control.CONTROL_FILE.encode(): CTL_FILE_INO,
     control.STATS_FILE.encode(): STATS_INO,
     control.METRICS_FILE.encode(): METRICS_INO,
+    control.LOOKUP_FILE.encode(): LOOKUP_INO,
 }
 VIRTUAL_MODES = {
     CTL_DIR_INO: stat.S_IFDIR | 0o755,
     CTL_FILE_INO: stat.S_IFREG | 0o600,  # root and the daemon's user only
     STATS_INO: stat.S_IFREG | 0o444,
     METRICS_INO: stat.S_IFREG | 0o444,
+    LOOKUP_INO: stat.S_IFREG | 0o666,  # anyone: answers only what the caller may search
 }
 VIRTUAL_FH = 1 << 62  # handles of open control files count up from here
 
@@ -62,8 +65,9 @@ def _reserved(parent: int, name: bytes) -> bool:
 
 
 class _ControlHandle:
-    def __init__(self, ino: int, content: bytes | None = None):
+    def __init__(self, ino: int, content: bytes | None = None, ctx=None):
         self.ino = ino
+        self.uid, self.gid = (ctx.uid, ctx.gid) if ctx is not None else (0, 0)
         self.request = bytearray()
         self.reply = content  # stats.json: the snapshot; control: set once run
         self.ran = content is not None  # a request runs once, even if it failed
@@ -359,6 +363,8 @@ class Operations(pyfuse3.Operations):
             if ctx.uid not in (0, os.getuid()):
                 raise pyfuse3.FUSEError(errno.EACCES)
             handle = _ControlHandle(inode)
+        elif inode == LOOKUP_INO:
+            handle = _ControlHandle(inode, ctx=ctx)
         else:
             if flags & os.O_ACCMODE != os.O_RDONLY:
                 raise pyfuse3.FUSEError(errno.EACCES)
@@ -376,10 +382,23 @@ class Operations(pyfuse3.Operations):
             return metrics.render(self.registry or metrics.registry_for(self.wh))
         return json.dumps(self.wh.stats(), indent=1).encode() + b"\n"
 
+    def _lookup(self, handle: _ControlHandle) -> bytes:
+        """.kvfs/lookup: a JSON list of paths in, a JSON list of booleans out."""
+        try:
+            paths = json.loads(handle.request)
+        except (UnicodeDecodeError, ValueError):
+            paths = None
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return json.dumps(self.wh.exists_many(paths, handle.uid, handle.gid)).encode()
+
     async def _run_control(self, handle: _ControlHandle) -> bytes:
         if not handle.ran:
             handle.ran = True
-            handle.reply = await trio.to_thread.run_sync(control.handle, self.wh, bytes(handle.request))
+            if handle.ino == LOOKUP_INO:
+                handle.reply = self._lookup(handle)
+            else:
+                handle.reply = await trio.to_thread.run_sync(control.handle, self.wh, bytes(handle.request))
         if handle.reply is None:
             raise pyfuse3.FUSEError(errno.EIO)  # it failed, and that was reported then
         return handle.reply
@@ -418,13 +437,13 @@ class Operations(pyfuse3.Operations):
     async def write(self, fh, off, buf):
         if fh >= VIRTUAL_FH:
             handle = self._ctl[fh]
-            if handle.ino != CTL_FILE_INO:
+            if handle.ino not in (CTL_FILE_INO, LOOKUP_INO):
                 raise pyfuse3.FUSEError(errno.EBADF)
             if handle.ran:  # a new request on the same open file
                 handle.request.clear()
                 handle.reply = None
                 handle.ran = False
-            if len(handle.request) + len(buf) > control.MAX_REQUEST:
+            if len(handle.request) + len(buf) > control.MAX_REQUEST * (16 if handle.ino == LOOKUP_INO else 1):
                 raise pyfuse3.FUSEError(errno.EFBIG)
             handle.request += buf
             return len(buf)
@@ -436,7 +455,7 @@ class Operations(pyfuse3.Operations):
             # A request written and never read back (echo ... > .kvfs/control) runs at
             # close, so that its failure still reaches the writer.
             handle = self._ctl[fh]
-            if handle.request and not handle.ran:
+            if handle.request and not handle.ran and handle.ino == CTL_FILE_INO:
                 reply = json.loads(await self._run_control(handle))
                 if not reply["ok"]:
                     raise pyfuse3.FUSEError(reply.get("errno", errno.EIO))

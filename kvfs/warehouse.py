@@ -1220,6 +1220,38 @@ class Warehouse:
                 ino = found[0]
         return parent, parts[-1], ino
 
+    def exists_many(self, paths: list[str], uid: int, gid: int) -> list[bool]:
+        """Whether each path (relative to the root) names something, as far as a caller
+        with `uid` and `gid` may know: every directory on the way must let it search, as
+        the kernel would check for a lookup (supplementary groups are not known here, so
+        this may say no where a lookup would find). One read transaction for the batch."""
+        searchable: dict[int, bool] = {}
+
+        def may_search(txn, ino: int) -> bool:
+            if ino not in searchable:
+                d = self.meta.get_inode(txn, ino)
+                bit = 0 if d is None or not stat.S_ISDIR(d.mode) else (
+                    0o111 if uid == 0 else 0o100 if uid == d.uid else 0o010 if gid == d.gid else 0o001)
+                searchable[ino] = bool(d is not None and d.mode & bit)
+            return searchable[ino]
+
+        out = []
+        with self.meta.begin() as txn:
+            for path in paths:
+                parts = [p for p in os.fsencode(path).split(b"/") if p not in (b"", b".")]
+                ino, found = M.ROOT_INO, bool(parts) and b".." not in parts
+                for part in parts if found else ():
+                    hit = may_search(txn, ino) and len(part) <= NAME_MAX and self._find(txn, ino, part)
+                    if not hit:
+                        found = False
+                        break
+                    ino = hit[0]
+                out.append(found)
+        hits = sum(out)
+        self.counters["lookup_hit"] += hits
+        self.counters["lookup_miss"] += len(out) - hits
+        return out
+
     def retire(self, path: str | bytes) -> dict:
         """Remove `path` (relative to the root). A directory is detached at once (its name
         is gone, nothing can be created in it) and its subtree is deleted by reap(), in

@@ -121,3 +121,22 @@ def make_mount(tmp_path, make_warehouse):
 def mnt(make_mount):
     """A mounted two-device warehouse with 1 MiB blocks."""
     return make_mount()
+
+
+@pytest.fixture
+def public_mount(make_warehouse):
+    """A mount that other users can reach: allow_other, on a mount point outside pytest's
+    0700 temporary directory."""
+    import shutil
+    import tempfile
+
+    mp = tempfile.mkdtemp(prefix="kvfs-public-", dir="/tmp")
+    os.chmod(mp, 0o755)
+    m = Mount(make_warehouse(), mp, ["allow_other"])
+    try:
+        m.mount()
+        yield m
+    finally:
+        m.cleanup()
+        shutil.rmtree(mp, ignore_errors=True)
+

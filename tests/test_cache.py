@@ -479,28 +479,15 @@ def test_tune_changes_watermarks_on_a_running_mount(make_mount):
     assert json.loads(res.stdout) == {"high_watermark": 0.5, "low_watermark": 0.3}
 
 
-def test_control_directory_permissions_and_bad_requests(make_warehouse):
-    import tempfile
-
-    from conftest import Mount
-
-    # Another user must be able to reach the mount point: not under pytest's 0700 tmp.
-    mp = tempfile.mkdtemp(prefix="kvfs-users-", dir="/tmp")
-    os.chmod(mp, 0o755)
-    m = Mount(make_warehouse(), mp, ["allow_other"])
-    try:
-        m.mount()
-        _control_checks(m)
-    finally:
-        m.cleanup()
-        os.rmdir(mp)
+def test_control_directory_permissions_and_bad_requests(public_mount):
+    _control_checks(public_mount)
 
 
 def _control_checks(m):
     write(m.p("f"), b"x")
     os.mkdir(m.p("d"))
     assert sorted(os.listdir(m.path)) == ["d", "f"]
-    assert sorted(os.listdir(m.p(".kvfs"))) == ["control", "metrics", "stats.json"]
+    assert sorted(os.listdir(m.p(".kvfs"))) == ["control", "lookup", "metrics", "stats.json"]
     assert os.stat(m.p(".kvfs", "control")).st_mode & 0o777 == 0o600
     fd = os.open(m.p(".kvfs", "control"), os.O_RDWR)
     os.write(fd, b"this is not json")

@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Mount, run_kvfs
+from conftest import run_kvfs
 from kvfs import meta as M
 from kvfs.errors import EXIT_FSCK_ERRORS, EXIT_MOUNT_FAILED, EXIT_PERMISSION, EXIT_USAGE
 from kvfs.warehouse import Warehouse
@@ -106,62 +106,55 @@ def test_catalog_finds_by_lineage_annotation_size_and_use(make_mount):
     assert sorted(e["ino"] for e in offline) == sorted(e["ino"] for e in llama)
 
 
-def test_another_user_gets_posix_rules_quota_and_no_control(make_warehouse):
+def test_another_user_gets_posix_rules_quota_and_no_control(public_mount):
     """A second, unprivileged user on a shared mount: cannot read or remove root's 0600
     file, cannot raise its own quota, gets EDQUOT past it, cannot drive the control
     interface or read the catalog."""
-    mp = tempfile.mkdtemp(prefix="kvfs-tenant-", dir="/tmp")
-    os.chmod(mp, 0o755)
-    m = Mount(make_warehouse(), mp, ["allow_other"])
-    try:
-        m.mount()
-        secret = m.p("shared", "root-only.kv")
-        write(secret, b"s" * 1000)
-        os.chmod(secret, 0o600)
-        os.chmod(m.p("shared"), 0o1777)  # a sticky, world-writable directory
-        os.makedirs(m.p("tenants", "nobody"))
-        os.chown(m.p("tenants", "nobody"), 65534, 65534)
-        os.setxattr(m.p("tenants", "nobody"), "user.kvfs.quota", b"4M")
-        probe = textwrap.dedent(f'''
-            import errno, json, os, sys
-            import kvfs.cli, kvfs.control, kvfs.mount, kvfs.catalog, kvfs.warehouse, kvfs.fsck
-            os.setgid(65534); os.setuid(65534)
-            out = {{}}
-            def attempt(name, fn):
-                try:
-                    fn()
-                    out[name] = "ok"
-                except OSError as exc:
-                    out[name] = errno.errorcode[exc.errno]
-            def w(path, n):
-                with open(path, "wb") as f:
-                    f.write(os.urandom(n))
-            attempt("read", lambda: open({secret!r}, "rb").read())
-            attempt("unlink", lambda: os.unlink({secret!r}))
-            attempt("unpin", lambda: os.setxattr({secret!r}, "user.kvfs.pin", b"0"))
-            attempt("write 3M", lambda: w({m.p("tenants", "nobody", "a")!r}, 3 << 20))
-            attempt("write 2M more", lambda: w({m.p("tenants", "nobody", "b")!r}, 2 << 20))
-            attempt("raise quota", lambda: os.setxattr({m.p("tenants", "nobody")!r}, "user.kvfs.quota", b"1G"))
-            attempt("control", lambda: os.open({m.p(".kvfs", "control")!r}, os.O_RDWR))
-            for cmd in (["retire", {secret!r}], ["gc", {m.path!r}], ["ls", {m.path!r}]):
-                out[cmd[0]] = kvfs.cli.main(cmd)
-            print(json.dumps(out))
-        ''')
-        res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
-        assert res.returncode == 0, res.stderr
-        out = json.loads(res.stdout.splitlines()[-1])
-        assert out == {
-            "read": "EACCES", "unlink": "EPERM", "unpin": "EACCES", "write 3M": "ok",
-            "write 2M more": "EDQUOT", "raise quota": "EPERM", "control": "EACCES",
-            "retire": EXIT_PERMISSION, "gc": EXIT_PERMISSION, "ls": EXIT_PERMISSION,
-        }, out
-        assert open(secret, "rb").read() == b"s" * 1000
-        assert os.getxattr(m.p("tenants", "nobody"), "user.kvfs.quota") == str(4 * MiB).encode()
-        m.umount()
-        assert json.loads(run_kvfs("fsck", m.warehouse, "--json").stdout)["clean"]
-    finally:
-        m.cleanup()
-        os.rmdir(mp)
+    m = public_mount
+    secret = m.p("shared", "root-only.kv")
+    write(secret, b"s" * 1000)
+    os.chmod(secret, 0o600)
+    os.chmod(m.p("shared"), 0o1777)  # a sticky, world-writable directory
+    os.makedirs(m.p("tenants", "nobody"))
+    os.chown(m.p("tenants", "nobody"), 65534, 65534)
+    os.setxattr(m.p("tenants", "nobody"), "user.kvfs.quota", b"4M")
+    probe = textwrap.dedent(f'''
+        import errno, json, os, sys
+        import kvfs.cli, kvfs.control, kvfs.mount, kvfs.catalog, kvfs.warehouse, kvfs.fsck
+        os.setgid(65534); os.setuid(65534)
+        out = {{}}
+        def attempt(name, fn):
+            try:
+                fn()
+                out[name] = "ok"
+            except OSError as exc:
+                out[name] = errno.errorcode[exc.errno]
+        def w(path, n):
+            with open(path, "wb") as f:
+                f.write(os.urandom(n))
+        attempt("read", lambda: open({secret!r}, "rb").read())
+        attempt("unlink", lambda: os.unlink({secret!r}))
+        attempt("unpin", lambda: os.setxattr({secret!r}, "user.kvfs.pin", b"0"))
+        attempt("write 3M", lambda: w({m.p("tenants", "nobody", "a")!r}, 3 << 20))
+        attempt("write 2M more", lambda: w({m.p("tenants", "nobody", "b")!r}, 2 << 20))
+        attempt("raise quota", lambda: os.setxattr({m.p("tenants", "nobody")!r}, "user.kvfs.quota", b"1G"))
+        attempt("control", lambda: os.open({m.p(".kvfs", "control")!r}, os.O_RDWR))
+        for cmd in (["retire", {secret!r}], ["gc", {m.path!r}], ["ls", {m.path!r}]):
+            out[cmd[0]] = kvfs.cli.main(cmd)
+        print(json.dumps(out))
+    ''')
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.splitlines()[-1])
+    assert out == {
+        "read": "EACCES", "unlink": "EPERM", "unpin": "EACCES", "write 3M": "ok",
+        "write 2M more": "EDQUOT", "raise quota": "EPERM", "control": "EACCES",
+        "retire": EXIT_PERMISSION, "gc": EXIT_PERMISSION, "ls": EXIT_PERMISSION,
+    }, out
+    assert open(secret, "rb").read() == b"s" * 1000
+    assert os.getxattr(m.p("tenants", "nobody"), "user.kvfs.quota") == str(4 * MiB).encode()
+    m.umount()
+    assert json.loads(run_kvfs("fsck", m.warehouse, "--json").stdout)["clean"]
 
 
 def test_quota_counts_what_is_below_and_follows_renames(make_mount):

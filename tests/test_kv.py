@@ -1,0 +1,214 @@
+"""kvfs.kv (the native prefix layout) and kvfs.data (training readers) on real mounts."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from conftest import run_kvfs
+from kvfs.kv import KVStore, chain_hashes, open_chunk
+
+MiB = 1 << 20
+
+
+def kv_for(tokens, layers=2, heads=4, dim=8, seed=0):
+    """KV that is a function of (position, token): the same prefix gives the same KV."""
+    t = np.asarray(tokens, dtype=np.float32)
+    pos = np.arange(len(tokens), dtype=np.float32)
+    base = (t[:, None, None] * 0.001 + pos[:, None, None] * 0.01
+            + np.arange(heads * dim, dtype=np.float32).reshape(1, heads, dim) * 0.0001)
+    return np.stack([np.stack([base + layer + seed, -base - layer - seed]) for layer in range(layers)]).astype(np.float16)
+
+
+def test_chain_hashes_are_the_same_in_every_process_and_python():
+    tokens = list(range(1, 65))
+    golden = chain_hashes(tokens, 16, {"model": "m", "dtype": "float16"})
+    # A frozen value: a change of the encoding would silently orphan every cached chunk.
+    assert golden[0].hex() == GOLDEN_FIRST, golden[0].hex()
+    probe = textwrap.dedent(f'''
+        from kvfs.kv import chain_hashes
+        print(" ".join(h.hex() for h in chain_hashes({tokens!r}, 16, {{"model": "m", "dtype": "float16"}})))
+    ''')
+    seen = set()
+    for seed in ("0", "1", "12345", "random"):
+        res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                             env={**os.environ, "PYTHONHASHSEED": seed}, check=True)
+        seen.add(res.stdout.strip())
+    assert seen == {" ".join(h.hex() for h in golden)}
+    assert len(golden) == 4 and len(set(golden)) == 4
+    assert chain_hashes(tokens, 16, {"model": "m", "dtype": "float16", "salt": "tenant-b"}) != golden
+    assert chain_hashes(tokens, 16, {"model": "other", "dtype": "float16"})[0] != golden[0]
+    assert chain_hashes(tokens[:16] + [0] * 48, 16, {"model": "m", "dtype": "float16"})[0] == golden[0]
+    with pytest.raises(ValueError):
+        chain_hashes([-1], 1)
+
+
+GOLDEN_FIRST = "502638dc10f602691696686cf7ec9219"
+
+
+def test_10000_chunks_lookup_load_and_shared_prefixes_stored_once(mnt):
+    store = KVStore(mnt.p("kv"), "tiny-llama", chunk_tokens=16)
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(0, 50_000, size=800) for _ in range(200)]  # 200 x 50 chunks
+    for p in prompts:
+        assert len(store.store(p, kv_for(p))) == 50
+    files = [f for _, _, fs in os.walk(store.dir) for f in fs]
+    assert len(files) == 10_000 and all(f.endswith(".kv") for f in files)
+    for p in prompts[:20]:
+        assert store.lookup(p) == 800
+        q = p.copy()
+        q[333] += 1  # a change in chunk 20: chunks from there on are not cached
+        assert store.lookup(q) == 320
+        assert store.lookup(np.concatenate([p, q[:40]])) == 800
+    # Loading: the stored arrays, mapped; whole prefix; torch on request.
+    n, kv = store.load(prompts[3][:500])
+    assert n == 496 and np.array_equal(kv, kv_for(prompts[3])[:, :, :496])
+    chunks = store.load_chunks(prompts[3])
+    assert len(chunks) == 50 and isinstance(chunks[0].k(1), np.memmap)
+    assert chunks[1].metadata["parent"] == chunks[0].metadata["chain"]
+    assert np.array_equal(chunks[0].tokens, prompts[3][:16])
+    import torch
+
+    n, t = store.load(prompts[3], framework="pt")
+    assert n == 800 and torch.equal(t, torch.from_numpy(kv_for(prompts[3])))
+    # A prompt that shares 40 of its 50 chunks with a stored one adds 10 files, and the
+    # warehouse's use grows by those 10 only.
+    stats = lambda: json.load(open(mnt.p(".kvfs", "stats.json")))  # noqa: E731
+    before = stats()
+    variant = np.concatenate([prompts[0][:640], rng.integers(0, 50_000, size=160)])
+    store.store(variant, kv_for(variant))
+    after = stats()
+    assert after["files"] - before["files"] == 10
+    chunk_bytes = os.path.getsize(store.paths(prompts[0])[0])
+    assert after["referenced_bytes"] - before["referenced_bytes"] <= 10 * chunk_bytes + 10 * 4096
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_longest_cached_prefix_is_exact(mnt, data):
+    """Prompts that share prefixes: lookup returns exactly the longest whole-chunk prefix
+    that some stored prompt has in common with the query."""
+    c = 4
+    trunk = data.draw(st.lists(st.integers(0, 3), min_size=0, max_size=24))
+    branch = st.lists(st.integers(0, 3), min_size=0, max_size=16)
+    stored = [trunk[:data.draw(st.integers(0, len(trunk)))] + data.draw(branch) for _ in range(data.draw(st.integers(1, 4)))]
+    query = trunk[:data.draw(st.integers(0, len(trunk)))] + data.draw(branch)
+    ns = f"ex{abs(hash((str(stored), str(query))))}"
+    store = KVStore(mnt.p("prop"), "m", namespace=ns, chunk_tokens=c)
+    for s in stored:
+        store.store(s, kv_for(s))
+
+    def common(a, b):
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    expect = max(min(common(query, s), len(s)) // c * c for s in stored)
+    assert store.lookup(query) == expect
+
+
+WRITER = textwrap.dedent('''
+    import sys
+    import numpy as np
+    sys.path.insert(0, sys.argv[2])
+    from test_kv import kv_for
+    from kvfs.kv import KVStore
+    p = np.arange(4096) % 977
+    KVStore(sys.argv[1], "shared", chunk_tokens=64).store(p, kv_for(p))
+''')
+
+
+def test_concurrent_writers_of_the_same_chunks_are_harmless(mnt, tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    here = os.path.dirname(os.path.abspath(__file__))
+    procs = [subprocess.Popen([sys.executable, str(script), mnt.p("kv"), here], stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()
+    store = KVStore(mnt.p("kv"), "shared", chunk_tokens=64)
+    p = np.arange(4096) % 977
+    assert store.lookup(p) == 4096
+    n, kv = store.load(p)
+    assert n == 4096 and np.array_equal(kv, kv_for(p))
+    names = [f for _, _, fs in os.walk(store.dir) for f in fs]
+    assert len(names) == 64 and not [n for n in names if n.endswith(".tmp")]
+
+
+def test_lookup_file_answers_a_batch_and_respects_permissions(public_mount):
+    mnt = public_mount
+    os.makedirs(mnt.p("open", "a"))
+    os.makedirs(mnt.p("closed", "b"))
+    open(mnt.p("open", "a", "x"), "w").close()
+    open(mnt.p("closed", "b", "y"), "w").close()
+    os.chmod(mnt.p("closed"), 0o700)
+    probe = textwrap.dedent(f'''
+        import json, os, sys
+        if sys.argv[1] == "nobody":
+            os.setgid(65534); os.setuid(65534)
+        fd = os.open({mnt.p(".kvfs", "lookup")!r}, os.O_RDWR)
+        os.write(fd, json.dumps(["open/a/x", "closed/b/y", "open/a/nope", "../etc", "", "open/a"]).encode())
+        print(os.pread(fd, 4096, 0).decode())
+    ''')
+    as_root = subprocess.run([sys.executable, "-c", probe, "root"], capture_output=True, text=True)
+    assert json.loads(as_root.stdout) == [True, True, False, False, False, True]
+    as_nobody = subprocess.run([sys.executable, "-c", probe, "nobody"], capture_output=True, text=True)
+    assert json.loads(as_nobody.stdout) == [True, False, False, False, False, True], as_nobody.stderr
+    fd = os.open(mnt.p(".kvfs", "lookup"), os.O_RDWR)
+    os.write(fd, b"not a list")
+    with pytest.raises(OSError):
+        os.pread(fd, 4096, 0)
+    os.close(fd)
+
+
+def test_training_loop_reads_every_chunk_of_a_model_on_a_read_only_mount(make_mount):
+    import torch
+    from torch.utils.data import DataLoader
+
+    from kvfs.data import ChunkDataset, iter_chunks, model_dir
+
+    m = make_mount()
+    prompts = {}
+    for model in ("m1", "m2"):
+        store = KVStore(m.p("kv"), model, chunk_tokens=32)
+        for i in range(5):
+            p = (np.arange(320) * (i + 3) + len(model)) % 30_000
+            store.store(p, kv_for(p, seed=i))
+            prompts.setdefault(model, []).append((p, i))
+    expected = {}
+    for p, i in prompts["m1"]:
+        kv = kv_for(p, seed=i)
+        for c in range(10):
+            expected[tuple(p[c * 32:(c + 1) * 32])] = kv[:, :, c * 32:(c + 1) * 32]
+    m.umount()
+    m.options = ["ro"]
+    m.mount()
+    directory = model_dir(m.p("kv"), "m1")
+    seen = {}
+    for tokens, kv in DataLoader(ChunkDataset(directory), batch_size=None, num_workers=2):
+        key = tuple(tokens.tolist())
+        assert key not in seen  # each chunk once across the workers
+        seen[key] = kv
+    assert seen.keys() == expected.keys()
+    for key, kv in seen.items():
+        assert torch.equal(kv, torch.from_numpy(expected[key]))
+    with pytest.raises(OSError):
+        open(os.path.join(directory, "new.kv"), "wb")  # read-only
+    # Chunks that vanish during a walk are skipped, not errors.
+    m.umount()
+    m.options = []
+    m.mount()
+    skipped = []
+    walk = iter_chunks(directory, skipped=skipped)
+    first = next(walk)
+    for path in sorted({c.path for c in iter_chunks(directory)} - {first.path})[:7]:
+        os.unlink(path)
+    assert len(list(walk)) == 50 - 1 - 7 and len(skipped) == 7
+    assert isinstance(open_chunk(first.path).k(0), np.memmap)
+    run_kvfs("stat", m.path)
