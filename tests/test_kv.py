@@ -79,13 +79,16 @@ def test_10000_chunks_lookup_load_and_shared_prefixes_stored_once(mnt):
     # A prompt that shares 40 of its 50 chunks with a stored one adds 10 files, and the
     # warehouse's use grows by those 10 only.
     stats = lambda: json.load(open(mnt.p(".kvfs", "stats.json")))  # noqa: E731
-    before = stats()
+    used = lambda: (lambda st: (st.f_blocks - st.f_bfree) * st.f_frsize)(os.statvfs(mnt.path))  # noqa: E731
+    before, used_before = stats(), used()
     variant = np.concatenate([prompts[0][:640], rng.integers(0, 50_000, size=160)])
     store.store(variant, kv_for(variant))
     after = stats()
     assert after["files"] - before["files"] == 10
     chunk_bytes = os.path.getsize(store.paths(prompts[0])[0])
+    allocated = -(-chunk_bytes // 4096) * 4096
     assert after["referenced_bytes"] - before["referenced_bytes"] <= 10 * chunk_bytes + 10 * 4096
+    assert 0 < used() - used_before <= 10 * allocated  # df: the 40 shared chunks took nothing
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
