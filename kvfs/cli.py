@@ -18,7 +18,7 @@ from .errors import (
 )
 
 SUBCOMMANDS = ("mkfs", "mount", "umount", "fsck", "stat", "ls", "find", "du", "pin", "unpin",
-               "retire", "gc", "tune")
+               "retire", "gc", "tune", "bench")
 # Exit code for an OSError on a path the user named, per subcommand.
 _OS_ERROR_EXIT = {"mkfs": 9, "mount": 6, "umount": 6, "fsck": 3, "gc": 3, "tune": 3, "stat": 3}
 
@@ -281,6 +281,12 @@ def _age(text: str) -> float:
         return units.parse_age(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
 
 
 def _set_pin(args, pinned: bool) -> int:
@@ -563,6 +569,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--low-watermark", type=parse_fraction, metavar="SHARE")
     s.add_argument("--json", action="store_true", help="print the watermarks as JSON")
     s.set_defaults(func=cmd_tune)
+
+    from .bench import SCALES, WORKLOADS
+
+    s = sub.add_parser("bench", help="measure kvfs against the raw disk, same run, as ratios",
+                       description="Run each workload (sequential files, client O_DIRECT, the vLLM "
+                                   "filesystem-tier pattern, metadata in a big directory, parallel "
+                                   "readers, space savings) on a kvfs mount and on a plain directory of "
+                                   "the same disk, alternating, and print the medians with kvfs/raw.",
+                       epilog="examples:\n  kvfs bench\n  kvfs bench --scale full --json > bench.json\n"
+                              "  kvfs bench --mount /mnt/kvfs --raw /data/raw --only seq --only vllm",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--scale", choices=sorted(SCALES), default="standard",
+                   help="quick (seconds), standard (default, a few minutes), full (1,000,000 entries)")
+    s.add_argument("--only", action="append", choices=WORKLOADS, metavar="WORKLOAD",
+                   help=f"run only this workload ({', '.join(WORKLOADS)}); repeat for several")
+    s.add_argument("--dir", default="/var/tmp", help="where to make the temporary warehouse and raw "
+                   "directory (default /var/tmp): the disk under test")
+    s.add_argument("--mount", metavar="MOUNTPOINT", help="use this kvfs mount instead of a temporary one")
+    s.add_argument("--raw", metavar="DIR", help="with --mount: a plain directory on the same disk")
+    s.add_argument("--json", action="store_true", help="print the results as JSON")
+    s.add_argument("--markdown", action="store_true", help="print a whole BENCHMARKS.md document")
+    s.set_defaults(func=cmd_bench)
     return p
 
 

@@ -174,3 +174,22 @@ def test_man_pages_cover_every_command_and_option():
                     assert opt in text, f"kvfs-{page}.8 does not mention {opt}"
         for section in ("NAME", "SYNOPSIS", "OPTIONS", "EXAMPLES", "EXIT STATUS", "FILES", "SEE ALSO"):
             assert f".SH {section}" in text, f"kvfs-{page}.8 has no {section}"
+
+
+def test_bench_runs_every_workload_and_reports_ratios():
+    """The quick benchmark runs every workload against kvfs and the raw disk and reports
+    both figures: it cannot rot. (Timings are for BENCHMARKS.md, not asserted here.)"""
+    from kvfs.bench import WORKLOADS
+
+    res = run_kvfs("bench", "--scale", "quick", "--json", timeout=600)
+    report = json.loads(res.stdout)
+    rows = report["rows"]
+    assert len(rows) >= 15
+    names = " ".join(r["workload"] for r in rows)
+    for word in ("write 2 MiB", "read 32 MiB files, cold", "O_DIRECT", "vLLM tier", "lookup miss",
+                 "4 readers", "space"):
+        assert word in names, word
+    for r in rows:
+        assert r["raw"] and r["kvfs"] and r["ratio"] > 0, r
+    assert report["machine"]["cpus"] == os.cpu_count() and len(WORKLOADS) == 6
+    assert "| workload |" in run_kvfs("bench", "--scale", "quick", "--only", "space", "--markdown").stdout

@@ -61,9 +61,12 @@ def content(key, version):
 
 @pytest.mark.parametrize("trial", range(3))
 def test_kill9_during_writes_leaves_no_torn_file(make_mount, tmp_path, trial):
-    m = make_mount(block_size="256K")
+    # Room for everything the writers manage before the kill, and pinned: this test is about
+    # crashes, and eviction (which would rightly remove the oldest files) is tested elsewhere.
+    m = make_mount(block_size="256K", devices=(("a.img", "1G"), ("b.img", "1G")))
     root = m.p("kv")
     os.mkdir(root)
+    os.setxattr(root, "user.kvfs.pin", b"1")
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
     journals = [tmp_path / f"journal{k}" for k in range(2)]
