@@ -519,6 +519,7 @@ def _control_checks(m):
     probe = textwrap.dedent(f'''
         import os, sys
         import kvfs.cli, kvfs.control, kvfs.mount, kvfs.warehouse, kvfs.fsck
+        kvfs.cli.build_parser()  # and what the parser imports
         os.setgid(65534); os.setuid(65534)
         try:
             os.open({m.p(".kvfs", "control")!r}, os.O_RDWR)

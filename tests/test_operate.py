@@ -121,6 +121,7 @@ def test_another_user_gets_posix_rules_quota_and_no_control(public_mount):
     probe = textwrap.dedent(f'''
         import errno, json, os, sys
         import kvfs.cli, kvfs.control, kvfs.mount, kvfs.catalog, kvfs.warehouse, kvfs.fsck
+        kvfs.cli.build_parser()  # and what the parser imports
         os.setgid(65534); os.setuid(65534)
         out = {{}}
         def attempt(name, fn):
