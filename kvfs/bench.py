@@ -288,14 +288,15 @@ class Bench:
             if codec == "zstd":
                 os.setxattr(d, "user.kvfs.compress", b"zstd")
             rng = np.random.default_rng(11)
-            # Each layer's KV of the shared prefix differs; each prompt's tail differs.
-            shared = [rng.standard_normal((8, 4096, 128)).astype(np.float16) for _ in range(4)]
+            # Token-major (tokens, heads, head dim), as vLLM and LMCache lay KV out: a shared
+            # prefix is a shared run of bytes. Each layer's prefix differs, each tail too.
+            shared = [rng.standard_normal((4096, 8, 128)).astype(np.float16) for _ in range(4)]
             before = self._used()
             logical = 0
             for p in range(self.scale.prompts):
                 for layer in range(4):
-                    tail = rng.standard_normal((8, 512, 128)).astype(np.float16)
-                    data = np.concatenate([shared[layer], tail], axis=1).tobytes()
+                    tail = rng.standard_normal((512, 8, 128)).astype(np.float16)
+                    data = np.concatenate([shared[layer], tail], axis=0).tobytes()
                     with open(os.path.join(d, f"p{p}-layer{layer}.bin"), "wb") as f:
                         f.write(data)
                     logical += len(data)
