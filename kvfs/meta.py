@@ -39,8 +39,8 @@ Integers in keys are big-endian so that LMDB's byte order is numeric order.
                                                         stored length u32, raw length u32,
                                                         codec u8, refcount u32
     free          device u16 + offset u64               length u64 (free extent; coalesced)
-    orphans       ino u64                               b""  (nlink is 0 but the inode was still
-                                                        referenced; purged at forget/recovery)
+    orphans       ino u64                               b""  (nlink is 0 but the file was open;
+                                                        purged at its last close or recovery)
     incomplete    ino u64                               parent u64 + name (a regular file created
                                                         and never flushed: recovery removes it)
 

@@ -417,7 +417,7 @@ class Warehouse:
                                       "changes are dropped: %s", of.ino, exc)
                         self._discard(of)
                     self._flush_access()
-                    # Unlinked inodes still referenced by the kernel are dropped now.
+                    # Unlinked inodes kept for open files go now: nothing is open any more.
                     with self.meta.begin(write=True) as txn:
                         self._purge_orphans(txn, [])
                         self.meta.put_stats(txn, self.stats_totals())
