@@ -78,6 +78,7 @@ ACCESS_GRANULARITY_NS = 1_000_000_000  # an access time moves only if it moved t
 EVICT_BATCH = 128  # files removed per metadata transaction by eviction and expiry
 INLINE_EVICT_BYTES = 32 << 20  # a writer that finds no room evicts at least this much
 REAP_BATCH = 512  # entries deleted per transaction by retire
+PREFETCH_BLOCKS = 8  # blocks a sequential reader's next reads are hinted to the devices
 CONTROL_NAME = b".kvfs"  # the control directory in the mount's root (kvfs.fs serves it)
 PIN_XATTR = b"user.kvfs.pin"
 TTL_XATTR = b"user.kvfs.ttl"
@@ -145,6 +146,8 @@ class Handle:
     ino: int
     writable: bool
     append: bool
+    read_end: int = 0  # where the last read on this handle ended (sequential detection)
+    ahead: int = -1  # the highest block index prefetched for it
 
 
 class Warehouse:
@@ -1522,6 +1525,7 @@ class Warehouse:
             if offset >= end:
                 return b""
             parts = []
+            ahead = []
             with self.meta.begin() as txn:
                 for idx in range(offset // bs, (end - 1) // bs + 1):
                     base = idx * bs
@@ -1531,7 +1535,20 @@ class Warehouse:
                         parts.append(("data", bytes(what[lo:hi]), 0, hi - lo))
                     else:
                         parts.append((kind, what, lo, hi))
+                # A sequential reader's next blocks are on their way from the devices while
+                # this request is answered (the devices' own read-ahead sees only strides).
+                if abs(offset - h.read_end) <= bs:
+                    last = (end - 1) // bs
+                    stop = min(last + 1 + PREFETCH_BLOCKS, (fsize + bs - 1) // bs)
+                    for idx in range(max(last + 1, h.ahead + 1), stop):
+                        kind, what = self._resolve(txn, of, h.ino, idx)
+                        if kind == "blk":
+                            ahead.append(what)
+                    h.ahead = max(h.ahead, stop - 1)
+                h.read_end = end
             gen = self.devices.read_begin()
+        for _, dev, off, slen, _, _ in ahead:
+            self.devices.devices[dev].prefetch(off, slen)
         try:
             if len(parts) == 1 and parts[0][0] == "blk":
                 _, loc, lo, hi = parts[0]
