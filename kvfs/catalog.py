@@ -80,7 +80,7 @@ class Catalog:
 
     def resolve(self, txn, rel: str) -> M.Inode:
         ino = M.ROOT_INO
-        for part in [p for p in os.fsencode(rel).split(b"/") if p not in (b"", b".")]:
+        for part in M.path_parts(rel):
             raw = txn.get(M.dentry_key(ino, part), db=self.meta.db["dentries"])
             if raw is None:
                 raise QuietError(f"{rel}: no such file or directory in the warehouse", EXIT_USAGE)
@@ -105,7 +105,7 @@ class Catalog:
         inherited: dict[str, str] = {}
         top = self.resolve(txn, rel)
         ino = M.ROOT_INO
-        for part in [p for p in os.fsencode(rel).split(b"/") if p not in (b"", b".")]:
+        for part in M.path_parts(rel):
             inherited = self._entry(txn, "", self.meta.get_inode(txn, ino), inherited).annotations
             ino = M.parse_dentry_val(txn.get(M.dentry_key(ino, part), db=self.meta.db["dentries"]))[0]
         first = self._entry(txn, base, top, inherited)

@@ -114,6 +114,20 @@ _EXIT_FOR_ERRNO = {
 }
 
 
+def exchange(path: str, request: bytes) -> bytes:
+    """Write one request to a .kvfs file and read its whole reply (from offset 0,
+    wherever the write left the file position). OSError as the file gives it."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.write(fd, request)
+        chunks = []
+        while chunk := os.pread(fd, 1 << 20, sum(map(len, chunks))):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def exit_for(err: int) -> int:
     return _EXIT_FOR_ERRNO.get(err, EXIT_INTERNAL)
 
@@ -127,23 +141,16 @@ class Remote:
 
     def call(self, op: str, **args) -> dict:
         try:
-            fd = os.open(self.path, os.O_RDWR)
+            raw = exchange(self.path, json.dumps({"op": op, **args}).encode())
         except OSError as exc:
-            if exc.errno in (errno.EACCES, errno.EPERM):
+            if exc.errno in (errno.EACCES, errno.EPERM):  # refused at open
                 raise QuietError(f"{self.mountpoint}: the control interface is for root and "
                                  "the warehouse owner", EXIT_PERMISSION) from None
-            raise QuietError(f"{self.path}: {exc.strerror}", EXIT_NOT_MOUNTED) from None
-        try:
-            os.write(fd, json.dumps({"op": op, **args}).encode())
-            chunks = []  # the reply starts at offset 0, wherever the write left us
-            while chunk := os.pread(fd, 1 << 20, sum(map(len, chunks))):
-                chunks.append(chunk)
-        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTCONN):
+                raise QuietError(f"{self.path}: {exc.strerror}", EXIT_NOT_MOUNTED) from None
             raise QuietError(f"{self.mountpoint}: the daemon failed to carry out {op!r} "
                              f"({exc.strerror}); see the warehouse's kvfs.log", exit_for(exc.errno)) from None
-        finally:
-            os.close(fd)
-        reply = json.loads(b"".join(chunks))
+        reply = json.loads(raw)
         if not reply.pop("ok"):
             raise QuietError(reply["error"], exit_for(reply.get("errno", errno.EIO)))
         return reply

@@ -68,5 +68,4 @@ def to_torch(chunk: Chunk):
     """(tokens, kv) of a chunk as torch tensors (copied out of the mapping)."""
     import numpy as np
 
-    kv = np.stack([np.stack([chunk.k(layer), chunk.v(layer)]) for layer in range(chunk.layers)])
-    return torch.from_numpy(np.asarray(chunk.tokens, dtype=np.int64)), torch.from_numpy(kv)
+    return torch.from_numpy(np.asarray(chunk.tokens, dtype=np.int64)), torch.from_numpy(chunk.kv())

@@ -170,9 +170,7 @@ class KVStore:
         chunks = self.load_chunks(tokens)
         if not chunks:
             return 0, None
-        layers = chunks[0].layers
-        kv = np.stack([np.stack([np.concatenate([c.k(layer) for c in chunks]),
-                                 np.concatenate([c.v(layer) for c in chunks])]) for layer in range(layers)])
+        kv = np.concatenate([c.kv() for c in chunks], axis=2)
         n = len(chunks) * self.chunk_tokens
         if framework == "pt":
             import torch
@@ -202,6 +200,10 @@ class Chunk:
 
     def v(self, layer: int) -> np.ndarray:
         return self.tensors[f"layer.{layer}.v"]
+
+    def kv(self) -> np.ndarray:
+        """The chunk's KV shaped (layers, 2, tokens, ...) (a copy out of the mapping)."""
+        return np.stack([np.stack([self.k(layer), self.v(layer)]) for layer in range(self.layers)])
 
 
 def open_chunk(path: str) -> Chunk:
@@ -274,17 +276,11 @@ def _find_lookup_file(root: str) -> str | None:
 
 
 def _batch_exists(lookup_file: str, root: str, paths: list[str]) -> list[bool]:
+    from .control import exchange
+
     mount = os.path.dirname(os.path.dirname(lookup_file))
     rel = [os.path.relpath(os.path.abspath(p), mount) for p in paths]
-    fd = os.open(lookup_file, os.O_RDWR)
-    try:
-        os.write(fd, json.dumps(rel).encode())
-        chunks = []
-        while chunk := os.pread(fd, 1 << 20, sum(map(len, chunks))):
-            chunks.append(chunk)
-    finally:
-        os.close(fd)
-    answer = json.loads(b"".join(chunks))
+    answer = json.loads(exchange(lookup_file, json.dumps(rel).encode()))
     if not isinstance(answer, list) or len(answer) != len(paths):
         raise OSError("malformed lookup reply")
     return [bool(a) for a in answer]

@@ -55,6 +55,7 @@ device's data area exactly.
 """
 
 import json
+import os
 import stat
 import struct
 from dataclasses import dataclass
@@ -145,6 +146,11 @@ def bmap_key(ino: int, index: int) -> bytes:
 
 def parse_bmap_key(b: bytes) -> tuple[int, int]:
     return _U64x2.unpack(b)
+
+
+def path_parts(path: str | bytes) -> list[bytes]:
+    """The names of a path relative to the root ('a//b/./c' -> [a, b, c])."""
+    return [p for p in os.fsencode(path).split(b"/") if p not in (b"", b".")]
 
 
 def link_key(ino: int, parent: int, name: bytes) -> bytes:

@@ -284,6 +284,8 @@ class Warehouse:
             self._load_free_maps()  # after recovery: it frees extents in the persistent map
             with self.meta.begin() as txn:
                 self._stats_base = self.meta.get_stats(txn)
+                # Writes check quotas only while some exist (set_quota keeps this true).
+                self._quotas_exist = self.meta.has_quotas(txn)
         except BaseException:
             self.devices.close()
             self.meta.close()
@@ -941,6 +943,7 @@ class Warehouse:
             if not stat.S_ISDIR(inode.mode):
                 raise NotADirectory("a quota is set on a directory")
             self.meta.set_quota(txn, ino, limit)
+            self._quotas_exist = self.meta.has_quotas(txn)
             inode.ctime_ns = now_ns()
             self.meta.put_inode(txn, inode)
             for of in self._open.values():  # quota directories above open files may change
@@ -950,10 +953,8 @@ class Warehouse:
     def _charge(self, of: OpenFile, new_size: int) -> None:
         """Count `of` growing to `new_size` against the quotas above it, QuotaExceeded if
         that would pass one; a shrink gives back what was counted."""
-        if not of.pending:
-            with self.meta.begin() as txn:
-                if not self.meta.has_quotas(txn):
-                    return
+        if not of.pending and not self._quotas_exist:
+            return
         pending = max(0, new_size - of.base_size)
         delta = pending - of.pending
         if not delta:
@@ -1205,7 +1206,7 @@ class Warehouse:
 
     def resolve(self, path: str | bytes) -> tuple[int, bytes, int]:
         """(parent, name, inode) of a path relative to the root, e.g. 'models/llama'."""
-        parts = [p for p in os.fsencode(path).split(b"/") if p not in (b"", b".")]
+        parts = M.path_parts(path)
         if not parts:
             raise Invalid("the root itself has no name")
         if b".." in parts:
@@ -1241,7 +1242,7 @@ class Warehouse:
         out = []
         with self.meta.begin() as txn:
             for path in paths:
-                parts = [p for p in os.fsencode(path).split(b"/") if p not in (b"", b".")]
+                parts = M.path_parts(path)
                 ino, found = M.ROOT_INO, bool(parts) and b".." not in parts
                 for part in parts if found else ():
                     hit = may_search(txn, ino) and len(part) <= NAME_MAX and self._find(txn, ino, part)
