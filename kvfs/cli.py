@@ -180,8 +180,13 @@ def cmd_stat(args) -> int:
     print(f"removed    evicted {c.get('evicted_files', 0):,} files ({human(c.get('evicted_bytes', 0))}), "
           f"expired {c.get('expired_files', 0):,} ({human(c.get('expired_bytes', 0))}), "
           f"retired {c.get('retired_files', 0):,} ({human(c.get('retired_bytes', 0))})")
-    if c.get("corrupt_blocks"):
-        print(f"DAMAGE     {c['corrupt_blocks']} blocks failed verification: run kvfs fsck --verify-data")
+    if c.get("corrupt_blocks") or st.get("quarantined_blocks"):
+        print(f"DAMAGE     {c.get('corrupt_blocks', 0)} blocks failed verification, "
+              f"{c.get('quarantined_files', 0)} files holding them dropped, "
+              f"{st.get('quarantined_blocks', 0)} still quarantined, {c.get('healed_blocks', 0)} healed "
+              "by new writes: see the log; kvfs fsck --verify-data --repair finds the rest")
+    if c.get("device_errors"):
+        print(f"ERRORS     {c['device_errors']} device reads, writes or syncs failed: see the log")
     for d in st["devices"]:
         print(f"device {d['index']}   {d['path']}: {human(d['size'] - d['free'])} of {human(d['size'])} used; "
               f"since mount {d['reads']:,} reads ({human(d['read_bytes'])}), "

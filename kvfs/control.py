@@ -20,6 +20,10 @@ unmounted warehouse, in the tool's own process):
     {"op": "gc", "delete": false, "grace": 300}      -> kvfs.fsck.gc() report
     {"op": "tune", "high_watermark": 0.9, "low_watermark": 0.8}
                                                      -> {"high_watermark", "low_watermark"}
+    {"op": "faults", "rules": [...], "drop_cache": true}
+                                                     -> the injected device faults now (only
+                                                        in a daemon started with KVFS_FAULTS;
+                                                        see kvfs.store.Faults)
 
 A reply is {"ok": true, ...} or {"ok": false, "error": "...", "errno": N}. A request that
 is not JSON or names no known operation makes the read fail with EINVAL.
@@ -43,7 +47,7 @@ STATS_FILE = "stats.json"
 METRICS_FILE = "metrics"
 LOOKUP_FILE = "lookup"
 MAX_REQUEST = 64 << 10
-OPERATIONS = ("stats", "retire", "gc", "tune")
+OPERATIONS = ("stats", "retire", "gc", "tune", "faults")
 
 log = logging.getLogger("kvfs.control")
 
@@ -84,6 +88,19 @@ def run(wh, op: str, args: dict) -> dict:
         if marks != [None, None]:
             wh.set_watermarks(*marks)
         return {"high_watermark": wh.high_watermark, "low_watermark": wh.low_watermark}
+    if op == "faults":
+        faults = wh.devices.faults
+        if faults is None:
+            raise KvfsError("fault injection is off (the daemon was started without KVFS_FAULTS)",
+                            errno.EPERM)
+        if "rules" in args:
+            try:
+                faults.set_rules(args["rules"] if isinstance(args["rules"], list) else [args["rules"]])
+            except (ValueError, TypeError) as exc:
+                raise Invalid(str(exc)) from None
+        if args.get("drop_cache"):
+            wh.drop_cache()
+        return faults.describe()
     raise Invalid(f"unknown control operation {op!r}")  # OPERATIONS and run() disagree
 
 

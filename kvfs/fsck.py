@@ -75,6 +75,12 @@ class Fsck:
         self.check_inodes()
         self.step = "checking the eviction indexes"
         self.check_indexes()
+        damaged: dict[bytes, str] = {}
+        if verify_data:
+            self.step = "verifying block data"
+            damaged = self.check_data()
+        self.step = "checking damaged blocks"
+        self.check_quarantine(damaged)
         self.step = "checking block references"
         self.check_refcounts()
         self.step = "checking extents and free space"
@@ -82,9 +88,6 @@ class Fsck:
         self.step = "checking totals and quotas"
         self.check_totals()
         self.check_quotas()
-        if verify_data:
-            self.step = "verifying block data"
-            self.check_data()
 
     def check_entries(self) -> None:
         txn, db = self.txn, self.db
@@ -322,15 +325,71 @@ class Fsck:
                     self.meta.free_add(txn, dev, off, length)
                     self.freed.append((dev, off, length))
 
-    def check_data(self) -> None:
+    def check_data(self) -> dict[bytes, str]:
+        """Read and verify every stored block; returns {hash: reason} of those that fail."""
+        damaged = {}
         for h, val in self.each("blocks"):
             rec = M.BlockRecord.unpack(val)
+            if rec.dev >= len(self.wh.devices.devices):
+                continue  # check_extents reports it
             try:
                 stored = self.wh.devices.devices[rec.dev].pread(rec.stored_len, rec.offset)
                 codecs.decode(stored, rec.codec, rec.raw_len, h)
                 self.stats["verified_blocks"] += 1
             except (Corrupt, KvfsError) as exc:
-                self.problem(f"block {h.hex()} on device {rec.dev} at {rec.offset}: {exc}")
+                damaged[bytes(h)] = str(exc)
+        return damaged
+
+    def check_quarantine(self, damaged: dict[bytes, str]) -> None:
+        """Quarantine records name stored blocks as they are; blocks that are damaged
+        (quarantined by a mount, or found by --verify-data) are held by no file. Repair
+        quarantines them and drops the files that hold them: never served, and what is
+        intact stays."""
+        txn = self.txn
+        bad: dict[bytes, str] = {}
+        for h, q in list(self.meta.iter_quarantine(txn)):
+            rec = self.meta.get_block(txn, h)
+            if rec is None or (rec.dev, rec.offset) != (q.dev, q.offset):
+                fix = self.repair
+                self.problem(f"quarantine record of block {h.hex()} names a copy that is gone", fix)
+                if fix:
+                    self.meta.delete_quarantine(txn, h)
+                continue
+            bad[h] = q.reason or "quarantined"
+        for h, reason in damaged.items():
+            if h not in bad:
+                bad[h] = reason
+                if self.repair:
+                    rec = self.meta.get_block(txn, h)
+                    self.meta.put_quarantine(txn, h, M.Quarantined(
+                        rec.dev, rec.offset, rec.stored_len, time.time_ns(), 0, reason))
+        self.stats["damaged_blocks"] = len(bad)
+        if not bad:
+            return
+        holders = collections.defaultdict(list)
+        for key, h in self.each("bmap"):
+            if bytes(h) in bad:
+                holders[bytes(h)].append(M.parse_bmap_key(key)[0])
+        effects: list = []
+        removed: list = []
+        for h, reason in bad.items():
+            inos = sorted(set(holders[h]))
+            if not inos:
+                if h in damaged:  # (a quarantined block nobody holds is a leak: check_refcounts)
+                    self.problem(f"block {h.hex()} is damaged ({reason}); no file holds it", self.repair)
+                continue
+            paths = [self.meta.path_of(txn, ino) for ino in inos[:3]]
+            more = f" and {len(inos) - 3} more" if len(inos) > 3 else ""
+            fix = self.repair
+            self.problem(f"block {h.hex()} is damaged ({reason}); files holding it: "
+                         f"{', '.join(paths)}{more}", fix)
+            if fix:
+                for ino in inos:
+                    inode = self.meta.get_inode(txn, ino)
+                    if inode is not None and inode.nlink > 0:
+                        self.wh._remove_names(txn, ino, effects, removed)
+                        self.stats["dropped_files"] += 1
+        self.freed.extend(effects)
 
 
 def gc(wh: Warehouse, delete: bool = False, grace: float = DEFAULT_GC_GRACE) -> dict:
@@ -396,6 +455,7 @@ def _reclaim(wh: Warehouse, txn, candidates: list[tuple], effects: list, removed
             rec = M.BlockRecord.unpack(raw)
             if counted == 0:
                 meta.delete_block(txn, h)
+                wh.bad_blocks.discard((h, rec.dev, rec.offset))
                 meta.free_add(txn, rec.dev, rec.offset, round_up(rec.stored_len))
                 effects.append((rec.dev, rec.offset, rec.stored_len))
             else:

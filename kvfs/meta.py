@@ -43,6 +43,14 @@ Integers in keys are big-endian so that LMDB's byte order is numeric order.
                                                         purged at its last close or recovery)
     incomplete    ino u64                               parent u64 + name (a regular file created
                                                         and never flushed: recovery removes it)
+    quarantine    block hash (16 bytes)                 QUARANTINE struct: device u16, offset u64,
+                                                        stored length u32, time_ns u64, ino u64
+                                                        (the file it was found in) + reason:
+                                                        a stored copy that failed verification.
+                                                        It is never served nor deduplicated
+                                                        against; a new write of the same content
+                                                        replaces it (heals), and the record goes
+                                                        when the block does
 
 Invariants: lru and expiry hold exactly evict_keys() of every inode, totals the sums
 of inode_totals() and block_totals(), and quotas' usage the sizes below each quota
@@ -84,6 +92,7 @@ DB_NAMES = (
     b"free",
     b"orphans",
     b"incomplete",
+    b"quarantine",
 )
 ROOT_INO = 1
 MAP_SIZE = 1 << 40  # address space only; the file grows with use
@@ -96,6 +105,7 @@ _BLOCK = struct.Struct(">HQIIBI")
 _TOTALS = struct.Struct(">qqqqq")
 _LINEAGE = struct.Struct(">qIIIQ")
 _QUOTA = struct.Struct(">QQ")
+_QUARANTINE = struct.Struct(">HQIQQ")
 TOTALS_KEY = b"totals"
 
 # Inode flags
@@ -285,6 +295,26 @@ class BlockRecord:
         return cls(*_BLOCK.unpack(b))
 
 
+@dataclass
+class Quarantined:
+    """A block's stored copy that failed verification (see the quarantine sub-database)."""
+
+    dev: int
+    offset: int
+    stored_len: int
+    time_ns: int
+    ino: int
+    reason: str
+
+    def pack(self) -> bytes:
+        return _QUARANTINE.pack(self.dev, self.offset, self.stored_len, self.time_ns, self.ino) + self.reason.encode()[:512]
+
+    @classmethod
+    def unpack(cls, b: bytes) -> "Quarantined":
+        b = bytes(b)
+        return cls(*_QUARANTINE.unpack(b[:_QUARANTINE.size]), b[_QUARANTINE.size:].decode(errors="replace"))
+
+
 def block_totals(rec: BlockRecord | None) -> tuple[int, int, int]:
     """(block bytes, stored bytes, referenced bytes) a block record adds to the totals."""
     if rec is None:
@@ -327,6 +357,21 @@ class Meta:
 
     def sync(self) -> None:
         self.env.sync(True)
+
+    def snapshot(self, path: str) -> None:
+        """Replace `path` (a directory) with a consistent copy of the environment."""
+        import shutil
+
+        tmp = path + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp, mode=0o700)
+        self.env.copy(tmp)
+        old = path + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(path):
+            os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
 
     def close(self) -> None:
         self.env.close()
@@ -470,6 +515,18 @@ class Meta:
         """Every (parent, name) under which inode `ino` is linked."""
         return [parse_link_key(k)[1:] for k, _ in self.iter_prefix(txn, "links", ino_key(ino))]
 
+    def path_of(self, txn, ino: int) -> str:
+        """One path of inode `ino` from the root (for messages); "<unlinked inode N>" if
+        it has no name."""
+        parts: list[bytes] = []
+        while ino != ROOT_INO and len(parts) < 4096:
+            names = self.names_of(txn, ino)
+            if not names:
+                return f"<unlinked inode {ino}>" + ("/" + os.fsdecode(b"/".join(reversed(parts))) if parts else "")
+            ino, name = names[0]
+            parts.append(name)
+        return "/" + os.fsdecode(b"/".join(reversed(parts)))
+
     def get_block(self, txn, h: bytes) -> BlockRecord | None:
         raw = txn.get(h, db=self.db["blocks"])
         return None if raw is None else BlockRecord.unpack(raw)
@@ -483,6 +540,27 @@ class Meta:
         old = self.get_block(txn, h)
         txn.delete(h, db=self.db["blocks"])
         self._add_block_totals(txn, old, None)
+        self.delete_quarantine(txn, h)
+
+    # Quarantine: stored copies of blocks that failed verification.
+    def put_quarantine(self, txn, h: bytes, q: "Quarantined") -> None:
+        txn.put(h, q.pack(), db=self.db["quarantine"])
+
+    def get_quarantine(self, txn, h: bytes) -> "Quarantined | None":
+        db = self.db.get("quarantine")  # absent in a read-only open of an older warehouse
+        raw = None if db is None else txn.get(h, db=db)
+        return None if raw is None else Quarantined.unpack(raw)
+
+    def delete_quarantine(self, txn, h: bytes) -> None:
+        txn.delete(h, db=self.db["quarantine"])
+
+    def iter_quarantine(self, txn):
+        """(hash, Quarantined) of every quarantined block."""
+        db = self.db.get("quarantine")
+        if db is None:
+            return
+        for h, raw in txn.cursor(db=db):
+            yield bytes(h), Quarantined.unpack(raw)
 
     def _add_block_totals(self, txn, old: BlockRecord | None, new: BlockRecord | None) -> None:
         (r0, s0, f0), (r1, s1, f1) = block_totals(old), block_totals(new)

@@ -21,6 +21,9 @@ COUNTERS = {
     "device_reads": ("kvfs_block_reads", "Blocks read from a device and verified."),
     "cache_hits": ("kvfs_block_cache_hits", "Blocks served from the daemon's block cache."),
     "corrupt_blocks": ("kvfs_corrupt_blocks", "Blocks that failed verification (served as EIO)."),
+    "quarantined_files": ("kvfs_quarantined_files", "Files dropped because they held a damaged block."),
+    "healed_blocks": ("kvfs_healed_blocks", "Quarantined blocks replaced by a new write of the same content."),
+    "device_errors": ("kvfs_device_errors", "Device reads, writes and syncs that failed (EIO, ENOSPC, ...)."),
     "quota_refusals": ("kvfs_quota_refusals", "Writes refused with EDQUOT."),
 }
 
@@ -50,6 +53,8 @@ class WarehouseCollector:
             ("kvfs_expiring_files", "Files with a ttl.", st["expiring_files"]),
             ("kvfs_retiring_trees", "Retired directory trees still being deleted.", st["retiring"]),
             ("kvfs_open_files", "Files open through the mount.", st["open_files"]),
+            ("kvfs_quarantined_blocks", "Damaged blocks still held by some file (never served).",
+             st["quarantined_blocks"]),
         )
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=value)

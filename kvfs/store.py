@@ -89,6 +89,81 @@ def prepare_device(path: str, size: int | None, wh_uuid: str, index: int, force:
     return size
 
 
+class Faults:
+    """Injected device faults, for tests and failure drills; off unless the daemon's
+    environment has KVFS_FAULTS (a JSON object, "{}" for none yet). Never on by accident:
+    production mounts do not read this variable's absence as anything.
+
+        {"rules": [{"op": "read"|"write"|"sync", "device": 0, "errno": "EIO",
+                    "after": 0, "count": null, "offset": [lo, hi]}],
+         "volatile": true}
+
+    A rule fails matching calls (op, device if given, extents touching [lo, hi) if given)
+    with its errno, after letting `after` of them through, `count` times (null: always).
+    `volatile` keeps every device write in memory until the device is synced, as a drive's
+    volatile write cache does: a killed daemon loses exactly the writes made since the
+    last sync (fdatasync), which is what a power cut does to a drive without power-loss
+    protection. Rules can be replaced at run time through the control file ("faults")."""
+
+    ENV = "KVFS_FAULTS"
+
+    def __init__(self, spec: dict | None = None):
+        spec = spec or {}
+        self.volatile = bool(spec.get("volatile", False))
+        self.lock = threading.Lock()
+        self.set_rules(spec.get("rules", []))
+
+    @classmethod
+    def from_env(cls) -> "Faults | None":
+        import json
+
+        raw = os.environ.get(cls.ENV)
+        if raw is None:
+            return None
+        try:
+            spec = json.loads(raw or "{}")
+            faults = cls(spec)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise QuietError(f"{cls.ENV} is not a valid fault specification: {exc}", 2) from None
+        return faults
+
+    def set_rules(self, rules: list) -> None:
+        checked = []
+        for r in rules:
+            if not isinstance(r, dict) or r.get("op") not in ("read", "write", "sync"):
+                raise ValueError(f"a fault rule needs op read, write or sync: {r!r}")
+            err = r.get("errno", "EIO")
+            code = getattr(errno, err, None) if isinstance(err, str) else err
+            if not isinstance(code, int) or isinstance(code, bool) or code <= 0:
+                raise ValueError(f"unknown errno {err!r}")
+            lo, hi = r.get("offset") or (0, 1 << 63)
+            checked.append({"op": r["op"], "device": r.get("device"), "errno": code,
+                            "after": int(r.get("after", 0)), "count": r.get("count"),
+                            "offset": (int(lo), int(hi)), "fired": 0, "seen": 0})
+        with self.lock:
+            self.rules = checked
+
+    def describe(self) -> dict:
+        with self.lock:
+            return {"volatile": self.volatile,
+                    "rules": [{**r, "errno": errno.errorcode.get(r["errno"], r["errno"]),
+                               "offset": list(r["offset"])} for r in self.rules]}
+
+    def check(self, op: str, device: int, offset: int = 0, length: int = 0) -> None:
+        with self.lock:
+            for r in self.rules:
+                if r["op"] != op or r["device"] not in (None, device):
+                    continue
+                lo, hi = r["offset"]
+                if op != "sync" and (offset + length <= lo or offset >= hi):
+                    continue
+                r["seen"] += 1
+                if r["seen"] <= r["after"] or (r["count"] is not None and r["fired"] >= r["count"]):
+                    continue
+                r["fired"] += 1
+                raise OSError(r["errno"], f"{os.strerror(r['errno'])} (injected)")
+
+
 class Device:
     """One open backing device."""
 
@@ -121,10 +196,16 @@ class Device:
             )
         self.reads = self.writes = self.read_bytes = self.write_bytes = 0
         self.dirty = False
+        self.faults: Faults | None = None
+        self._unsynced: dict[int, bytes] = {}  # offset -> bytes: a volatile write cache (Faults)
 
     def pread(self, length: int, offset: int) -> bytes:
         try:
+            if self.faults is not None:
+                self.faults.check("read", self.index, offset, length)
             data = os.pread(self.fd, length, offset)
+            if self._unsynced:
+                data = self._overlay(data, offset)
         except OSError as exc:
             raise KvfsError(f"device {self.index} read at {offset}: {exc.strerror}", exc.errno) from None
         self.reads += 1
@@ -132,6 +213,17 @@ class Device:
         if len(data) != length:
             raise Corrupt(f"device {self.index}: short read at {offset} ({len(data)} of {length})")
         return data
+
+    def _overlay(self, data: bytes, offset: int) -> bytes:
+        """What a read sees through the volatile write cache (writes not yet synced)."""
+        buf = None
+        end = offset + len(data)
+        for woff, wdata in list(self._unsynced.items()):
+            lo, hi = max(offset, woff), min(end, woff + len(wdata))
+            if lo < hi:
+                buf = buf if buf is not None else bytearray(data)
+                buf[lo - offset:hi - offset] = wdata[lo - woff:hi - woff]
+        return data if buf is None else bytes(buf)
 
     def prefetch(self, offset: int, length: int) -> None:
         """Ask the kernel to start reading an extent that will be read soon."""
@@ -144,7 +236,18 @@ class Device:
         if offset < DATA_START or offset + len(data) > self.size:
             raise Corrupt(f"device {self.index}: write outside the data area at {offset}")
         try:
-            n = os.pwrite(self.fd, data, offset)
+            if self.faults is not None:
+                self.faults.check("write", self.index, offset, len(data))
+                if self.faults.volatile:
+                    end = offset + len(data)
+                    for woff in [o for o, d in self._unsynced.items() if o < end and offset < o + len(d)]:
+                        del self._unsynced[woff]  # (overlap only when a never-published extent is reused)
+                    self._unsynced[offset] = bytes(data)
+                    n = len(data)
+                else:
+                    n = os.pwrite(self.fd, data, offset)
+            else:
+                n = os.pwrite(self.fd, data, offset)
         except OSError as exc:
             raise KvfsError(f"device {self.index} write at {offset}: {exc.strerror}", exc.errno) from None
         if n != len(data):
@@ -154,9 +257,20 @@ class Device:
         self.dirty = True
 
     def sync(self) -> None:
-        if self.dirty:
-            self.dirty = False
+        """Make this device's writes durable (KvfsError if the device fails)."""
+        if not self.dirty:
+            return
+        try:
+            if self.faults is not None:
+                self.faults.check("sync", self.index)
+            for woff, wdata in sorted(self._unsynced.items()):
+                os.pwrite(self.fd, wdata, woff)
             os.fdatasync(self.fd)
+        except OSError as exc:
+            # The device's state is unknown: stay dirty, so the next sync tries again.
+            raise KvfsError(f"device {self.index} sync: {exc.strerror}", exc.errno) from None
+        self._unsynced.clear()
+        self.dirty = False
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -213,8 +327,11 @@ class FreeMap:
 class DeviceSet:
     """All devices of a warehouse with their allocators; thread-safe allocation."""
 
-    def __init__(self, devices: list[Device]):
+    def __init__(self, devices: list[Device], faults: Faults | None = None):
         self.devices = devices
+        self.faults = faults
+        for d in devices:
+            d.faults = faults
         self.free = [FreeMap() for _ in devices]
         self._lock = threading.Lock()
         self._readers_done = threading.Condition(self._lock)

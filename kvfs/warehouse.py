@@ -62,7 +62,7 @@ from .errors import (
     EXIT_NO_WAREHOUSE,
     EXIT_USAGE,
 )
-from .store import DATA_START, Device, DeviceSet, prepare_device, round_up
+from .store import DATA_START, Device, DeviceSet, Faults, prepare_device, round_up
 from .units import parse_size
 
 log = logging.getLogger("kvfs.warehouse")
@@ -88,6 +88,7 @@ BLOCK_CACHE_BYTES = 64 << 20
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 META_DIR = "meta"
+POWER_CUT_DIR = "meta.power-cut"  # fault drills only: the metadata a power cut would leave
 LOCK_FILE = "lock"
 LOG_FILE = "kvfs.log"
 DEFAULT_DEVICE = "data0.img"
@@ -271,7 +272,7 @@ class Warehouse:
                         "clean": False, "pid": os.getpid(), "mountpoint": mountpoint,
                         "since": time.time(),
                     })
-                self.meta.sync()
+                self._sync_meta()
             elif not check_only:
                 with self.meta.begin() as txn:
                     state = self.meta.get_json(txn, b"state") or {}
@@ -283,6 +284,8 @@ class Warehouse:
                     )
             self._load_free_maps()  # after recovery: it frees extents in the persistent map
             with self.meta.begin() as txn:
+                for h, q in self.meta.iter_quarantine(txn):
+                    self.bad_blocks.add((h, q.dev, q.offset))
                 self._stats_base = self.meta.get_stats(txn)
                 # Writes check quotas only while some exist (set_quota keeps this true).
                 self._quotas_exist = self.meta.has_quotas(txn)
@@ -321,7 +324,7 @@ class Warehouse:
                 d.close()
             self.meta.close()
             raise
-        self.devices = DeviceSet(devs)
+        self.devices = DeviceSet(devs, Faults.from_env())
 
     def _load_free_maps(self) -> None:
         from .store import FreeMap
@@ -426,9 +429,12 @@ class Warehouse:
                     with self.meta.begin(write=True) as txn:
                         self._purge_orphans(txn, [])
                         self.meta.put_stats(txn, self.stats_totals())
+                    # Clean only once the data is durable: a device that fails its sync
+                    # leaves the warehouse unclean, and the next mount recovers.
+                    self._sync_devices()
+                    with self.meta.begin(write=True) as txn:
                         self.meta.put_json(txn, b"state", {"clean": True})
-                    self.devices.sync()
-                    self.meta.sync()
+                    self._sync_meta()
             finally:
                 self.devices.close()
                 self.meta.close()
@@ -443,9 +449,24 @@ class Warehouse:
             self._flush_access()
             with self.meta.begin(write=True) as txn:
                 self.meta.put_stats(txn, self.stats_totals())
-            self.devices.sync()
-            self.meta.sync()
+            self._sync_devices()
+            self._sync_meta()
             self.devices.checkpointed()
+
+    def _sync_devices(self) -> None:
+        try:
+            self.devices.sync()
+        except KvfsError:
+            self.counters["device_errors"] += 1
+            raise
+
+    def _sync_meta(self) -> None:
+        """Make committed metadata durable. Under a volatile-write-cache fault drill, also
+        keep a copy of it as it is now: what a power cut would leave (see store.Faults)."""
+        self.meta.sync()
+        faults = self.devices.faults
+        if faults is not None and faults.volatile:
+            self.meta.snapshot(os.path.join(self.path, POWER_CUT_DIR))
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -549,6 +570,7 @@ class Warehouse:
         """Store `rec`, or free it if nothing refers to it and no open file pins it."""
         if rec.refcount == 0 and self._held.get(h, 0) - releasing.get(h, 0) <= 0:
             self.meta.delete_block(txn, h)
+            self.bad_blocks.discard((h, rec.dev, rec.offset))
             self.meta.free_add(txn, rec.dev, rec.offset, round_up(rec.stored_len))
             effects.append((rec.dev, rec.offset, rec.stored_len))
         else:
@@ -1355,6 +1377,7 @@ class Warehouse:
             st["expiring_files"] = txn.stat(self.meta.db["expiry"])["entries"]
             st["retiring"] = txn.stat(self.meta.db["retiring"])["entries"]
             st["quotas"] = txn.stat(self.meta.db["quotas"])["entries"]
+            st["quarantined_blocks"] = sum(1 for _ in self.meta.iter_quarantine(txn))
             state = self.meta.get_json(txn, b"state") or {}
         counters = self.stats_totals()
         hits, misses = counters.get("lookup_hit", 0), counters.get("lookup_miss", 0)
@@ -1485,7 +1508,9 @@ class Warehouse:
             raise Corrupt(f"inode {ino} block {idx}: block {h.hex()} has no record")
         return "blk", (h, rec.dev, rec.offset, rec.stored_len, rec.raw_len, rec.codec)
 
-    def _fetch(self, loc) -> bytes:
+    def _fetch(self, loc, ino: int) -> bytes:
+        """The verified bytes of a block of file `ino`. A stored copy that fails
+        verification is quarantined (and the file dropped): Corrupt (EIO), never data."""
         h, dev, off, slen, rlen, codec = loc
         with self._cache_lock:
             data = self._cache.get(h)
@@ -1494,14 +1519,17 @@ class Warehouse:
                 self.counters["cache_hits"] += 1
                 return data
         if (h, dev, off) in self.bad_blocks:
+            self._quarantine(h, dev, off, slen, ino, "")  # drops this file too
             raise Corrupt(f"block {h.hex()} is quarantined (failed verification earlier)")
-        stored = self.devices.devices[dev].pread(slen, off)
+        try:
+            stored = self.devices.devices[dev].pread(slen, off)
+        except KvfsError:
+            self.counters["device_errors"] += 1
+            raise
         try:
             data = codecs.decode(stored, codec, rlen, h)
-        except Corrupt:
-            self.bad_blocks.add((h, dev, off))
-            self.counters["corrupt_blocks"] += 1
-            log.error("block %s on device %d at %d failed verification: returning EIO", h.hex(), dev, off)
+        except Corrupt as exc:
+            self._quarantine(h, dev, off, slen, ino, str(exc))
             raise
         self.counters["device_reads"] += 1
         with self._cache_lock:
@@ -1512,6 +1540,50 @@ class Warehouse:
                     _, old = self._cache.popitem(last=False)
                     self._cache_bytes -= len(old)
         return data
+
+    def _quarantine(self, h: bytes, dev: int, off: int, slen: int, ino: int, reason: str) -> None:
+        """Remember (in LMDB) that the stored copy of block `h` at (dev, off) is damaged, so
+        it is never read or deduplicated against again, and drop file `ino`, in which it was
+        found: its names go now (its data at its last close). A file open for writing keeps
+        its names (its writer may yet replace the block); other files that share the block
+        are dropped when they read it. A later write of the same content heals the block."""
+        effects: list = []
+        removed: list = []
+        first = (h, dev, off) not in self.bad_blocks
+        with self._lock:
+            self.bad_blocks.add((h, dev, off))
+            if self.readonly:
+                if first:
+                    self.counters["corrupt_blocks"] += 1
+                    log.error("block %s on device %d at %d failed verification (%s): returning EIO "
+                              "(read-only mount: not recorded; run kvfs fsck --verify-data)", h.hex(), dev, off, reason)
+                return
+            with self.meta.begin(write=True) as txn:
+                rec = self.meta.get_block(txn, h)
+                if rec is None or (rec.dev, rec.offset) != (dev, off):
+                    return  # healed or freed meanwhile
+                if self.meta.get_quarantine(txn, h) is None:
+                    self.meta.put_quarantine(txn, h, M.Quarantined(dev, off, slen, now_ns(), ino, reason))
+                    self.counters["corrupt_blocks"] += 1
+                    log.error("block %s on device %d at %d failed verification (%s): quarantined",
+                              h.hex(), dev, off, reason)
+                inode = self.meta.get_inode(txn, ino)
+                of = self._open.get(ino)
+                if inode is None or inode.nlink == 0 or not stat.S_ISREG(inode.mode) or (of is not None and of.writers):
+                    return
+                path = self.meta.path_of(txn, ino)
+                self._remove_names(txn, ino, effects, removed)
+                self.counters["quarantined_files"] += 1
+                self.counters["quarantined_bytes"] += inode.size
+            self._apply(effects)
+        log.error("%s (inode %d, %d bytes): dropped, it holds damaged block %s", path, ino, inode.size, h.hex())
+        self._notify_removed(removed)
+
+    def drop_cache(self) -> None:
+        """Forget the daemon's cache of verified blocks (the next reads go to the devices)."""
+        with self._cache_lock:
+            self._cache.clear()
+            self._cache_bytes = 0
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
         if offset < 0 or size < 0:
@@ -1553,7 +1625,7 @@ class Warehouse:
         try:
             if len(parts) == 1 and parts[0][0] == "blk":
                 _, loc, lo, hi = parts[0]
-                data = self._fetch(loc)
+                data = self._fetch(loc, h.ino)
                 if hi <= len(data):
                     return data[lo:hi] if (lo, hi) != (0, len(data)) else data
             out = bytearray()
@@ -1563,7 +1635,7 @@ class Warehouse:
                 elif kind == "zero":
                     out += bytes(hi - lo)
                 else:
-                    data = self._fetch(what)
+                    data = self._fetch(what, h.ino)
                     chunk = data[lo:hi]
                     out += chunk
                     if len(chunk) < hi - lo:
@@ -1581,7 +1653,7 @@ class Warehouse:
         elif kind == "blk":
             gen = self.devices.read_begin()
             try:
-                data = self._fetch(what)
+                data = self._fetch(what, of.ino)
             finally:
                 self.devices.read_end(gen)
             buf[: len(data)] = data
@@ -1665,8 +1737,10 @@ class Warehouse:
             dev, off = self._allocate(len(stored), (of.ino + idx) % len(self.devices.devices))
             try:
                 self.devices.devices[dev].pwrite(stored, off)
-            except BaseException:
+            except BaseException as exc:
                 self.devices.release(dev, off, len(stored), durable=False)
+                if isinstance(exc, KvfsError):
+                    self.counters["device_errors"] += 1
                 raise
             p = Pending(h, dev, off, len(stored), raw_len, used, True)
             self.counters["stored_blocks"] += 1
@@ -1794,6 +1868,8 @@ class Warehouse:
                 self.meta.free_add(txn, rec.dev, rec.offset, round_up(rec.stored_len))
                 effects.append((rec.dev, rec.offset, rec.stored_len))
                 self.bad_blocks.discard((p.hash, rec.dev, rec.offset))
+                self.meta.delete_quarantine(txn, p.hash)
+                self.counters["healed_blocks"] += 1
                 rec.dev, rec.offset, rec.stored_len = p.dev, p.offset, p.stored_len
                 rec.raw_len, rec.codec = p.raw_len, p.codec
                 self.meta.free_remove(txn, p.dev, p.offset, round_up(p.stored_len))

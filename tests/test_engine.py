@@ -238,31 +238,83 @@ def test_failed_truncate_changes_nothing(tmp_path):
     w.close()
 
 
-def test_rewriting_a_corrupt_block_heals_it(tmp_path):
-    from kvfs.errors import Corrupt as CorruptError
+def _corrupt_first_block(w, ino):
+    with w.meta.begin() as txn:
+        h = txn.get(M.bmap_key(ino, 0), db=w.meta.db["bmap"])
+        rec = w.meta.get_block(txn, h)
+    os.pwrite(w.devices.devices[rec.dev].fd, b"\x00", rec.offset + 5)
+    w._cache.clear()
+    return bytes(h)
+
+
+def _two_files_sharing_a_block(w):
+    inos = []
+    for name in (b"f", b"f2"):
+        fh, inode = w.create(M.ROOT_INO, name, 0o644, 0, 0)
+        w.write(fh, 0, _blk(1))
+        w.release(fh)
+        inos.append(inode.ino)
+    return inos
+
+
+def test_a_corrupt_block_is_eio_quarantined_and_its_file_dropped_then_healed(tmp_path):
+    from kvfs.errors import Corrupt as CorruptError, NotFound
 
     path = _fresh(tmp_path)
     w = Warehouse(path)
-    fh, ino = w.create(M.ROOT_INO, b"f", 0o644, 0, 0)
-    w.write(fh, 0, _blk(1))
-    w.release(fh)
-    with w.meta.begin() as txn:
-        rec = w.meta.get_block(txn, txn.get(M.bmap_key(ino.ino, 0), db=w.meta.db["bmap"]))
-    os.pwrite(w.devices.devices[0].fd, b"\x00", rec.offset + 5)
-    w._cache.clear()
-    fh = w.open(ino.ino)
+    f, f2 = _two_files_sharing_a_block(w)
+    h = _corrupt_first_block(w, f)
+    fh = w.open(f)
     with pytest.raises(CorruptError):
         w.read(fh, 0, BS)
+    with pytest.raises(CorruptError):  # again: from the quarantine, not the device
+        w.read(fh, 0, BS)
     w.release(fh)
+    with pytest.raises(NotFound):
+        w.lookup(M.ROOT_INO, b"f")  # dropped: never served again
+    st = w.stats()
+    assert st["quarantined_blocks"] == 1
+    assert st["counters"]["corrupt_blocks"] == 1 and st["counters"]["quarantined_files"] == 1
+    with w.meta.begin() as txn:
+        assert w.meta.get_quarantine(txn, h).ino == f
     fh, _ = w.create(M.ROOT_INO, b"g", 0o644, 0, 0)
-    w.write(fh, 0, _blk(1))  # same content: must not dedup onto the bad copy
+    w.write(fh, 0, _blk(1))  # same content: must not dedup onto the bad copy; it heals it
     w.release(fh)
-    for name in (b"f", b"g"):
+    for name in (b"f2", b"g"):  # f2 shared the block: it is served from the healed copy
         fh = w.open(w.lookup(M.ROOT_INO, name).ino)
         assert w.read(fh, 0, BS) == _blk(1)
         w.release(fh)
+    assert w.stats()["quarantined_blocks"] == 0 and w.stats()["counters"]["healed_blocks"] == 1
     w.close()
     assert _fsck_clean(path) == []
+
+
+def test_quarantine_survives_a_restart_and_drops_the_other_holders(tmp_path):
+    from kvfs.errors import Corrupt as CorruptError, NotFound
+
+    path = _fresh(tmp_path)
+    w = Warehouse(path)
+    f, f2 = _two_files_sharing_a_block(w)
+    _corrupt_first_block(w, f)
+    fh = w.open(f)
+    with pytest.raises(CorruptError):
+        w.read(fh, 0, BS)
+    w.release(fh)
+    w.close()
+    problems = _fsck_clean(path)  # f2 still holds it: fsck says so
+    assert any("is damaged" in p and "/f2" in p for p in problems), problems
+    w = Warehouse(path)
+    with w.meta.begin() as txn:
+        dev_reads_before = sum(d.reads for d in w.devices.devices)
+    fh = w.open(f2)
+    with pytest.raises(CorruptError):
+        w.read(fh, 0, BS)
+    assert sum(d.reads for d in w.devices.devices) == dev_reads_before  # known bad: not read
+    w.release(fh)
+    with pytest.raises(NotFound):
+        w.lookup(M.ROOT_INO, b"f2")
+    w.close()
+    assert _fsck_clean(path) == []  # the last holder went, so did the block and its record
 
 
 def test_fsck_flags_an_unreferenced_block_record(tmp_path):
