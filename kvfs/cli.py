@@ -100,11 +100,11 @@ def cmd_mount(args) -> int:
     if not os.path.isdir(os.path.join(warehouse, "meta")):
         raise QuietError(f"{warehouse} is not a kvfs warehouse (run kvfs mkfs first)", EXIT_NO_WAREHOUSE)
     existing = m.find_mount(mountpoint, resolve=False)
-    if existing is not None and m.wait_unlocked(existing["source"], 0):
+    if existing is not None and m.daemon_gone(existing["source"]):
         # A daemon that was killed leaves its mount behind ("Transport endpoint is not
-        # connected"); nobody holds its warehouse lock any more.
+        # connected"), and possibly clients waiting on it forever: abort and detach it.
         print(f"kvfs: {mountpoint}: stale mount of a dead daemon; detaching it", file=sys.stderr)
-        m.fusermount_unmount(mountpoint, lazy=True)
+        m.detach_dead(existing)
     elif existing is not None:
         raise QuietError(f"{mountpoint} is already a kvfs mount point (of {existing['source']})", EXIT_MOUNT_FAILED)
     elif m.is_dead_mount(mountpoint):

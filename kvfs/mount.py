@@ -296,6 +296,47 @@ def find_mount(mountpoint: str, resolve: bool = True) -> dict | None:
     return None
 
 
+FUSECTL = "/sys/fs/fuse/connections"
+
+
+def daemon_gone(warehouse: str) -> bool:
+    """True if no live daemon serves `warehouse`: nobody holds its lock, or the holder is a
+    zombie. (A daemon killed while one of its threads waits in the kernel, e.g. to
+    invalidate a name in a directory that a client request has locked, stays a zombie that
+    holds its files, /dev/fuse and the lock included, until its connection is aborted.)"""
+    if wait_unlocked(warehouse, 0):
+        return True
+    pid = daemon_pid(warehouse)
+    return pid is not None and not pid_alive(pid)
+
+
+def abort_connection(entry: dict) -> bool:
+    """Abort the FUSE connection of a mount whose daemon is gone (root only; the fusectl
+    filesystem is mounted if it is not). Every request waiting on it fails with ENOTCONN,
+    so clients and the dead daemon's last threads are let go. False if it could not."""
+    minor = entry["dev"].partition(":")[2]
+    path = os.path.join(FUSECTL, minor, "abort")
+    if not os.path.exists(path) and os.path.isdir(FUSECTL):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", FUSECTL], capture_output=True)
+    try:
+        with open(path, "w") as f:
+            f.write("1")
+    except OSError:
+        return False
+    logging.getLogger("kvfs").warning("aborted the FUSE connection of %s (its daemon is gone)", entry["mountpoint"])
+    return True
+
+
+def detach_dead(entry: dict, timeout: float = 10.0) -> None:
+    """Let go of a mount whose daemon died: abort its connection, detach it lazily, and
+    wait until the dead daemon's warehouse lock is free."""
+    abort_connection(entry)
+    fusermount_unmount(entry["mountpoint"], lazy=True)
+    if not wait_unlocked(entry["source"], timeout):
+        raise QuietError(f"{entry['source']} is still locked by the dead daemon of {entry['mountpoint']} "
+                         f"(pid {daemon_pid(entry['source'])})", EXIT_MOUNT_FAILED)
+
+
 def is_dead_mount(mountpoint: str) -> bool:
     try:
         os.stat(mountpoint)
@@ -340,6 +381,9 @@ def unmount(mountpoint: str, lazy: bool = False, timeout: float = 120.0) -> tupl
     info = find_mount(mountpoint)
     if info is None:
         raise QuietError(f"{mountpoint} is not a kvfs mount point", EXIT_NOT_MOUNTED)
+    if daemon_gone(info["source"]) and not wait_unlocked(info["source"], 0):
+        detach_dead(info)  # a zombie daemon: nothing would ever answer the unmount
+        return info["source"], False
     was_running = not wait_unlocked(info["source"], 0)
     pid = daemon_pid(info["source"]) if was_running else None
     fusermount_unmount(info["mountpoint"], lazy)

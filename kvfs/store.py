@@ -100,6 +100,8 @@ class Faults:
 
     A rule fails matching calls (op, device if given, extents touching [lo, hi) if given)
     with its errno, after letting `after` of them through, `count` times (null: always).
+    A sync rule with "lie": true instead reports success without syncing: a drive that
+    acknowledges flushes it did not do (with `volatile`, those writes die at a crash).
     `volatile` keeps every device write in memory until the device is synced, as a drive's
     volatile write cache does: a killed daemon loses exactly the writes made since the
     last sync (fdatasync), which is what a power cut does to a drive without power-loss
@@ -137,7 +139,7 @@ class Faults:
             if not isinstance(code, int) or isinstance(code, bool) or code <= 0:
                 raise ValueError(f"unknown errno {err!r}")
             lo, hi = r.get("offset") or (0, 1 << 63)
-            checked.append({"op": r["op"], "device": r.get("device"), "errno": code,
+            checked.append({"op": r["op"], "device": r.get("device"), "errno": code, "lie": bool(r.get("lie")),
                             "after": int(r.get("after", 0)), "count": r.get("count"),
                             "offset": (int(lo), int(hi)), "fired": 0, "seen": 0})
         with self.lock:
@@ -149,7 +151,8 @@ class Faults:
                     "rules": [{**r, "errno": errno.errorcode.get(r["errno"], r["errno"]),
                                "offset": list(r["offset"])} for r in self.rules]}
 
-    def check(self, op: str, device: int, offset: int = 0, length: int = 0) -> None:
+    def check(self, op: str, device: int, offset: int = 0, length: int = 0) -> bool:
+        """Raise the OSError a rule injects; True if a rule says to lie (skip the work)."""
         with self.lock:
             for r in self.rules:
                 if r["op"] != op or r["device"] not in (None, device):
@@ -161,7 +164,10 @@ class Faults:
                 if r["seen"] <= r["after"] or (r["count"] is not None and r["fired"] >= r["count"]):
                     continue
                 r["fired"] += 1
+                if r["lie"]:
+                    return True
                 raise OSError(r["errno"], f"{os.strerror(r['errno'])} (injected)")
+        return False
 
 
 class Device:
@@ -261,8 +267,9 @@ class Device:
         if not self.dirty:
             return
         try:
-            if self.faults is not None:
-                self.faults.check("sync", self.index)
+            if self.faults is not None and self.faults.check("sync", self.index):
+                self.dirty = False
+                return  # a lying drive
             for woff, wdata in sorted(self._unsynced.items()):
                 os.pwrite(self.fd, wdata, woff)
             os.fdatasync(self.fd)

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from kvfs.cli import main as kvfs_main
-from kvfs.mount import daemon_pid, find_mount, pid_alive  # noqa: F401 (tests import them from here)
+from kvfs.mount import abort_connection, daemon_pid, find_mount, pid_alive  # noqa: F401 (tests import them from here)
 
 KVFS = [sys.executable, "-m", "kvfs.cli"]
 
@@ -72,7 +72,10 @@ class Mount:
         return os.path.join(self.path, *parts)
 
     def cleanup(self):
-        if find_mount(self.path, resolve=False) is not None:
+        entry = find_mount(self.path, resolve=False)
+        if entry is not None:
+            if self.pid and not pid_alive(self.pid):
+                abort_connection(entry)  # a killed daemon may leave clients (and itself) waiting
             subprocess.run(["fusermount3", "-u", "-z", self.path], capture_output=True)
         pid = self.pid
         for sig in (signal.SIGTERM, signal.SIGKILL):

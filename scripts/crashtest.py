@@ -1,0 +1,374 @@
+#!/usr/bin/env python3
+"""Crash harness: kill the kvfs daemon at random moments under a mixed workload, mount again
+(recovery), and check every visible file against a journal of completed writes.
+
+Each trial mounts one small warehouse (it fills, so eviction runs), starts writer, rewriter,
+renamer and reader processes, waits a random time, then either
+  kill     kill -9 of the daemon: the OS keeps what it wrote (LMDB pages, device pages), or
+  powercut kill -9 under a volatile device write cache (KVFS_FAULTS {"volatile": true}):
+           device writes since the last sync are lost, and the metadata goes back to what
+           was last synced (the copy the daemon keeps in meta.power-cut/ at each sync),
+           which is what a power cut does to drives without power-loss protection.
+Then it mounts again and checks:
+  - every file that is visible holds exactly one complete version (self-describing content:
+    key, version, length and a hash in a header), or is empty where a writer truncated it;
+  - durable/ is pinned: after a kill every file closed before the crash is there with that
+    version or a newer one; after a power cut every file that was fsync'd (file, then its
+    directory after the rename) is;
+  - kvfs fsck --verify-data is clean after the unmount.
+The warehouse carries over from trial to trial (each recovery starts from the last one's
+state); --fresh-every N makes a new one every N trials.
+
+    python scripts/crashtest.py --trials 200           # the long run (about 15 minutes)
+    python scripts/crashtest.py --trials 4 --seed 7    # what the test suite runs
+
+Exit status: 0 every trial passed, 1 a trial failed (the failure and the kept warehouse
+are printed), 2 bad arguments.
+"""
+
+import argparse
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+import xxhash
+
+KVFS = [sys.executable, "-m", "kvfs.cli"]
+HEADER = struct.Struct(">4s48sIQ16s")  # magic, key, version, payload length, xxh3-128(payload)
+MAGIC = b"KVCT"
+SIZES = (1, 4095, 70000, 300000, 1 << 20, (1 << 20) + 12345)
+DURABLE_KEYS = 24  # durable/ is pinned: a bounded set of keys, rewritten with new versions
+
+
+def content(key: str, version: int) -> bytes:
+    rng = random.Random(f"{key}/{version}")
+    payload = rng.randbytes(rng.choice(SIZES))
+    return HEADER.pack(MAGIC, key.encode(), version, len(payload), xxhash.xxh3_128_digest(payload)) + payload
+
+
+def parse(data: bytes) -> tuple[str, int] | None:
+    """(key, version) of a complete file; None if it is not one."""
+    if len(data) < HEADER.size:
+        return None
+    magic, key, version, length, digest = HEADER.unpack(data[:HEADER.size])
+    payload = data[HEADER.size:]
+    if magic != MAGIC or len(payload) != length or xxhash.xxh3_128_digest(payload) != digest:
+        return None
+    return key.rstrip(b"\0").decode(), version
+
+
+# -- workers (each a process; it stops when the mount dies under it) ----------------------
+
+def worker(role: str, root: str, journal: str, seed: int) -> None:
+    rng = random.Random(seed)
+    log = open(journal, "a", buffering=1)
+    versions: dict[str, int] = {}
+    if role == "durable":  # continue the versions of earlier trials
+        for name in os.listdir(os.path.join(root, "durable")):
+            try:
+                got = parse(open(os.path.join(root, "durable", name), "rb").read())
+            except OSError:
+                continue
+            if got is not None and got[0].startswith(f"d{seed}_"):
+                versions[got[0]] = max(versions.get(got[0], -1), got[1])
+    i = 0
+    log.write("ready\n")
+    try:
+        while True:
+            i += 1
+            if role == "durable":  # vLLM-style publish, made durable: fsync file, rename, fsync dir
+                key = f"d{seed}_{rng.randrange(DURABLE_KEYS)}"
+                v = versions.get(key, -1) + 1
+                tmp = os.path.join(root, "durable", f".{key}.{v}.{os.getpid()}.tmp")
+                fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                try:
+                    os.write(fd, content(key, v))
+                    sync = rng.random() < 0.7
+                    if sync:
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, os.path.join(root, "durable", key))
+                versions[key] = v
+                log.write(f"closed {key} {v}\n")
+                if sync:
+                    dfd = os.open(os.path.join(root, "durable"), os.O_RDONLY | os.O_DIRECTORY)
+                    try:
+                        os.fsync(dfd)
+                    finally:
+                        os.close(dfd)
+                    log.write(f"synced {key} {v}\n")
+            elif role == "cache":  # LMCache/vLLM-style cache files: temp + rename, or O_TRUNC rewrite
+                if rng.random() < 0.6:
+                    key = f"c{seed}_{i}"
+                    tmp = os.path.join(root, "cache", key + ".tmp")
+                    with open(tmp, "xb") as f:
+                        f.write(content(key, 0))
+                    os.replace(tmp, os.path.join(root, "cache", key))
+                else:
+                    key = f"r{seed}_{rng.randrange(6)}"
+                    v = versions.get(key, -1) + 1
+                    with open(os.path.join(root, "cache", key), "wb") as f:
+                        data = content(key, v)
+                        half = len(data) // 2
+                        f.write(data[:half])  # two writes: a crash between them must not show half
+                        f.write(data[half:])
+                    versions[key] = v
+            elif role == "renamer":  # move cache files under another name and back
+                d = os.path.join(root, "cache")
+                names = [n for n in os.listdir(d) if not n.endswith(".tmp")]
+                if names:
+                    n = rng.choice(names)
+                    dst = n[:-2] if n.endswith(".m") else n + ".m"
+                    try:
+                        os.rename(os.path.join(d, n), os.path.join(d, dst))
+                    except FileNotFoundError:
+                        pass  # evicted or moved meanwhile
+                time.sleep(0.002)
+            elif role == "reader":  # every read of a complete file is that file, whole
+                sub = rng.choice(("durable", "cache"))
+                d = os.path.join(root, sub)
+                names = os.listdir(d)
+                if names:
+                    n = rng.choice(names)
+                    try:
+                        with open(os.path.join(d, n), "rb") as f:
+                            data = f.read()
+                    except FileNotFoundError:
+                        continue
+                    if data and not n.endswith(".tmp") and parse(data) is None:
+                        log.write(f"BAD-READ {sub}/{n} {len(data)}\n")
+    except OSError as exc:
+        if os.environ.get("CRASHTEST_DEBUG"):
+            try:
+                where = os.listdir(root)
+            except OSError as e2:
+                where = str(e2)
+            print(f"worker {role} {seed}: {exc!r}; root has {where}", file=sys.stderr)
+        pass  # the daemon died under us
+
+
+# -- the harness ---------------------------------------------------------------------------
+
+def kvfs(*args, check=True, env=None, timeout=300):
+    res = subprocess.run([*KVFS, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"kvfs {' '.join(map(str, args))} -> {res.returncode}: {res.stderr.strip()}")
+    return res
+
+
+def daemon_pid(warehouse: str) -> int | None:
+    from kvfs.mount import daemon_pid as holder
+
+    return holder(warehouse)
+
+
+class Trial:
+    def __init__(self, args, work: str):
+        self.args = args
+        self.work = work
+        self.warehouse = os.path.join(work, "wh")
+        self.mnt = os.path.join(work, "mnt")
+        os.makedirs(self.mnt, exist_ok=True)
+
+    def mkfs(self) -> None:
+        kvfs("mkfs", self.warehouse, "--force", "--block-size", "256K", "--high-watermark", "0.85",
+             "--low-watermark", "0.7", "--device", "a.img:96M", "--device", "b.img:96M")
+        self.mount(power_cut=False)
+        for d in ("durable", "cache"):
+            os.makedirs(os.path.join(self.mnt, d), exist_ok=True)
+        os.setxattr(os.path.join(self.mnt, "durable"), "user.kvfs.pin", b"1")
+        self.umount()
+
+    def mount(self, power_cut: bool) -> None:
+        env = dict(os.environ)
+        env.pop("KVFS_FAULTS", None)
+        if power_cut:
+            rules = [{"op": "sync", "lie": True}] if self.args.lying_sync else []
+            env["KVFS_FAULTS"] = json.dumps({"volatile": True, "rules": rules})
+        kvfs("mount", self.warehouse, self.mnt, env=env)
+
+    def umount(self) -> None:
+        kvfs("umount", self.mnt)
+
+    def run(self, n: int, mode: str, rng: random.Random) -> dict:
+        self.mount(power_cut=mode == "powercut")
+        pid = daemon_pid(self.warehouse)
+        journals = []
+        procs = []
+        for k, role in enumerate(("durable", "durable", "cache", "cache", "renamer", "reader", "reader")):
+            j = os.path.join(self.work, f"journal-{role}-{k}")
+            journals.append(j)
+            # Durable writers keep their seeds (so keys and versions continue from trial to
+            # trial); the rest take new ones.
+            seed = k if role == "durable" else 1000 * n + k
+            procs.append(subprocess.Popen([sys.executable, __file__, "worker", role, self.mnt, j, str(seed)]))
+        deadline = time.monotonic() + 60  # the crash comes that long after all are at work
+        while not all(os.path.exists(j) and open(j).read().startswith("ready") for j in journals):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the workers did not start within 60 s")
+            time.sleep(0.01)
+        time.sleep(rng.uniform(self.args.min_run, self.args.max_run))
+        os.kill(pid, signal.SIGKILL)
+        from kvfs.mount import detach_dead, find_mount
+
+        entry = find_mount(self.mnt)
+        if entry is not None:
+            detach_dead(entry)  # what kvfs mount does over a dead mount; here before the restore
+        for p in procs:  # (after the abort: a client may wait on the dead daemon till then)
+            p.wait(timeout=60)
+        if mode == "powercut":
+            # What the drives kept: device writes since the last sync died with the daemon's
+            # memory; the metadata is the copy taken at the last sync.
+            meta = os.path.join(self.warehouse, "meta")
+            snap = os.path.join(self.warehouse, "meta.power-cut")
+            shutil.copyfile(os.path.join(snap, "data.mdb"), os.path.join(meta, "data.mdb"))
+            try:
+                os.unlink(os.path.join(meta, "lock.mdb"))
+            except FileNotFoundError:
+                pass
+        self.mount(power_cut=False)
+        try:
+            return self.check(journals, mode)
+        finally:
+            self.umount()
+
+    def check(self, journals: list[str], mode: str) -> dict:
+        closed: dict[str, int] = {}
+        synced: dict[str, int] = {}
+        bad_reads = []
+        for j in journals:
+            if not os.path.exists(j):
+                continue
+            for line in open(j).read().splitlines():
+                parts = line.split()
+                if parts[0] == "closed" and len(parts) == 3:
+                    closed[parts[1]] = max(closed.get(parts[1], -1), int(parts[2]))
+                elif parts[0] == "synced" and len(parts) == 3:
+                    synced[parts[1]] = max(synced.get(parts[1], -1), int(parts[2]))
+                elif parts[0] == "BAD-READ":
+                    bad_reads.append(line)
+        problems = [f"a reader saw a torn file before the crash: {b}" for b in bad_reads]
+        files = 0
+        for sub in ("durable", "cache"):
+            d = os.path.join(self.mnt, sub)
+            for name in os.listdir(d):
+                files += 1
+                try:
+                    with open(os.path.join(d, name), "rb") as f:
+                        data = f.read()
+                except OSError as exc:
+                    problems.append(f"{sub}/{name}: {exc.strerror}")
+                    continue
+                got = parse(data)
+                base = name[1:].split(".")[0] if name.startswith(".") else name.split(".")[0]
+                if got is None:
+                    if not (data == b"" and name.startswith("r")):
+                        problems.append(f"{sub}/{name}: {len(data)} bytes that are no complete version")
+                elif got[0] != base:
+                    problems.append(f"{sub}/{name}: holds {got[0]} version {got[1]}")
+        promised = synced if mode == "powercut" else closed
+        for key, v in promised.items():
+            path = os.path.join(self.mnt, "durable", key)
+            try:
+                got = parse(open(path, "rb").read())
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    problems.append(f"durable/{key}: {exc.strerror}")
+                    continue
+                problems.append(f"durable/{key} version {v} was {'fsync' if mode == 'powercut' else 'clos'}ed "
+                                "before the crash and is gone")
+                continue
+            if got is None or got[1] < v:
+                problems.append(f"durable/{key}: holds {got}, version {v} was promised")
+        for name in os.listdir(os.path.join(self.mnt, "durable")):  # (pinned: they would pile up)
+            if name.endswith(".tmp"):
+                os.unlink(os.path.join(self.mnt, "durable", name))
+        for j in journals:  # the next trial's journals start empty
+            if os.path.exists(j):
+                os.unlink(j)
+        return {"files": files, "promised": len(promised), "problems": problems}
+
+
+def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "worker":
+        worker(*argv[1:4], int(argv[4]))
+        return 0
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trials", type=int, default=200)
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: from the clock; printed)")
+    p.add_argument("--power-cut-share", type=float, default=0.5, metavar="SHARE",
+                   help="share of trials that simulate a power cut instead of a kill (default 0.5)")
+    p.add_argument("--fresh-every", type=int, default=50, metavar="N", help="new warehouse every N trials")
+    p.add_argument("--min-run", type=float, default=0.3, help="least seconds of work before the crash")
+    p.add_argument("--max-run", type=float, default=2.5, help="most seconds of work before the crash")
+    p.add_argument("--workdir", default=None, help="where warehouses go (default: a new temporary directory)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--lying-sync", action="store_true",
+                   help="make the drives acknowledge syncs they do not do (power-cut trials): "
+                        "the harness must then fail, which shows that it can")
+    args = p.parse_args(argv)
+    if args.trials < 1 or not 0 <= args.power_cut_share <= 1 or args.min_run > args.max_run:
+        p.error("need --trials >= 1, 0 <= --power-cut-share <= 1, --min-run <= --max-run")
+    seed = args.seed if args.seed is not None else int(time.time())
+    rng = random.Random(seed)
+    work = args.workdir or tempfile.mkdtemp(prefix="kvfs-crashtest-")
+    os.makedirs(work, exist_ok=True)
+    trial = Trial(args, work)
+    summary = {"seed": seed, "trials": 0, "kill": 0, "powercut": 0, "files_checked": 0,
+               "promises_checked": 0, "recoveries": 0, "failed": None}
+    t0 = time.monotonic()
+    try:
+        for n in range(args.trials):
+            if n % args.fresh_every == 0:
+                trial.mkfs()
+            mode = "powercut" if rng.random() < args.power_cut_share else "kill"
+            result = trial.run(n, mode, rng)
+            fsck = kvfs("fsck", trial.warehouse, "--json", "--verify-data", check=False)
+            report = json.loads(fsck.stdout) if fsck.stdout.strip().startswith("{") else {"clean": False, "problems": [fsck.stderr]}
+            if not report.get("clean"):
+                result["problems"] += [f"fsck: {x}" for x in report.get("problems", [])]
+            summary["trials"] += 1
+            summary[mode] += 1
+            summary["files_checked"] += result["files"]
+            summary["promises_checked"] += result["promised"]
+            if result["problems"]:
+                summary["failed"] = {"trial": n, "mode": mode, "problems": result["problems"][:20],
+                                     "warehouse": trial.warehouse}
+                break
+            if not args.json:
+                print(f"trial {n + 1}/{args.trials} {mode:8s} ok: {result['files']} files checked, "
+                      f"{result['promised']} promises kept", flush=True)
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", trial.mnt], capture_output=True)
+    summary["seconds"] = round(time.monotonic() - t0, 1)
+    log = os.path.join(trial.warehouse, "kvfs.log")
+    if os.path.exists(log):
+        summary["recoveries"] = open(log).read().count("recovered after unclean shutdown")
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"crashtest: {summary['trials']} trials ({summary['kill']} kill -9, {summary['powercut']} power cuts) "
+              f"in {summary['seconds']} s, {summary['files_checked']} files and "
+              f"{summary['promises_checked']} promises checked, seed {seed}: "
+              + ("all passed" if not summary["failed"] else "FAILED"))
+        if summary["failed"]:
+            print(json.dumps(summary["failed"], indent=2))
+    if not summary["failed"] and not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 1 if summary["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
