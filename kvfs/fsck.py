@@ -473,7 +473,72 @@ def _reclaim(wh: Warehouse, txn, candidates: list[tuple], effects: list, removed
     return sum(round_up(length) for _, _, length in effects[start:]), skipped
 
 
+def verify_meta(meta_dir: str) -> dict:
+    """meta.verify_records of an environment, run in a child process: a damaged page can
+    crash LMDB's C code, and that must not take fsck with it."""
+    import subprocess
+
+    code = "import json, sys; from kvfs.meta import verify_records; print(json.dumps(verify_records(sys.argv[1])))"
+    res = subprocess.run([sys.executable, "-c", code, meta_dir], capture_output=True, text=True)
+    if res.returncode != 0:
+        why = f"signal {-res.returncode}" if res.returncode < 0 else (res.stderr.strip().splitlines() or ["?"])[-1]
+        return {"records": 0, "problems": [f"reading it crashed ({why})"]}
+    return json.loads(res.stdout)
+
+
+def restore_backup(warehouse: str, meta_dir: str) -> dict:
+    """Put the newest metadata backup that reads back whole in place of the damaged
+    metadata, which is kept beside it (meta.damaged-TIME). Raises QuietError if none does."""
+    import shutil
+
+    from .errors import QuietError, EXIT_NEEDS_FSCK
+    from .warehouse import BACKUP_DIRS, _lock
+
+    lock_fd = _lock(warehouse)  # no mount may start meanwhile
+    try:
+        tried = []
+        for name in BACKUP_DIRS:
+            backup = os.path.join(warehouse, name)
+            if not os.path.isfile(os.path.join(backup, "data.mdb")):
+                continue
+            check = verify_meta(backup)
+            if check["problems"]:
+                tried.append(f"{name}: {check['problems'][0]}")
+                continue
+            taken = os.path.getmtime(os.path.join(backup, "data.mdb"))
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            kept = os.path.join(warehouse, f"meta.damaged-{stamp}")
+            staging = meta_dir + ".restoring"
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(backup, staging)
+            os.rename(meta_dir, kept)
+            os.rename(staging, meta_dir)
+            return {"backup": name, "taken": taken, "records": check["records"], "damaged_copy": kept}
+        raise QuietError(f"{warehouse}: metadata is damaged and no backup reads back whole"
+                         + (f" ({'; '.join(tried)})" if tried else " (there is none)"), EXIT_NEEDS_FSCK)
+    finally:
+        os.close(lock_fd)
+
+
 def run_fsck(args) -> int:
+    from .errors import QuietError, EXIT_NEEDS_FSCK
+    from .warehouse import META_DIR
+
+    meta_dir = os.path.join(args.warehouse, META_DIR)
+    restored = None
+    damage = verify_meta(meta_dir) if os.path.isdir(meta_dir) else {"problems": []}
+    if damage["problems"]:
+        if not args.repair:
+            for p in damage["problems"][:20]:
+                print(f"  metadata: {p}", file=sys.stderr)
+            raise QuietError(f"{args.warehouse}: metadata is damaged; kvfs fsck --repair restores the newest "
+                             "metadata backup and verifies every block against it", EXIT_NEEDS_FSCK)
+        restored = restore_backup(args.warehouse, meta_dir)
+        restored["damage"] = damage["problems"][:20]
+        log_restore = (f"metadata was damaged ({damage['problems'][0]}); restored {restored['backup']} "
+                       f"of {time.ctime(restored['taken'])}; the damaged copy is {restored['damaged_copy']}")
+        print(f"kvfs fsck: {log_restore}", file=sys.stderr)
+        args.verify_data = True  # extents may have been reused since the backup
     wh = Warehouse(args.warehouse, check_only=not args.repair)
     tty = sys.stderr.isatty() and not args.json
     try:
@@ -481,6 +546,10 @@ def run_fsck(args) -> int:
         with wh.meta.begin(write=args.repair) as txn:
             f = Fsck(wh, txn, repair=args.repair, progress=tty)
             f.run(verify_data=args.verify_data)
+        if restored is not None:
+            # Files created since the backup are gone; those whose blocks were reused since
+            # then were dropped above. What is left reads back as it was stored.
+            f.problem(f"metadata restored from {restored['backup']} of {time.ctime(restored['taken'])}", True)
     finally:
         wh.close()
     unrepaired = len(f.problems) - f.repaired
@@ -490,6 +559,7 @@ def run_fsck(args) -> int:
         "problems": f.problems,
         "repaired": f.repaired,
         "recovery": recovered,
+        "restored": restored,
         "stats": dict(f.stats),
     }
     if args.json:

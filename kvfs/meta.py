@@ -315,6 +315,62 @@ class Quarantined:
         return cls(*_QUARANTINE.unpack(b[:_QUARANTINE.size]), b[_QUARANTINE.size:].decode(errors="replace"))
 
 
+# Shapes of every sub-database's records: (key length, value length); an int is exact, a
+# (min,) tuple a least length, None anything. verify_records checks every record against it.
+RECORD_SHAPES = {
+    "super": (None, (2,)), "counters": (None, 8), "stats": (None, 8), "totals": (None, _TOTALS.size),
+    "inodes": (8, _INODE.size), "dentries": ((9,), 16), "dirents": (16, (1,)), "links": ((17,), 0),
+    "lru": (16, 0), "expiry": (16, 0), "retiring": (8, (9,)), "lineage": (8, (_LINEAGE.size,)),
+    "quotas": (8, _QUOTA.size), "symlinks": (8, None), "xattrs": ((9,), None), "bmap": (16, 16),
+    "blocks": (16, _BLOCK.size), "free": (_DEV_OFF.size, 8), "orphans": (8, 0),
+    "incomplete": (8, (9,)), "quarantine": (16, (_QUARANTINE.size,)),
+}
+
+
+def _fits(shape, n: int) -> bool:
+    return shape is None or (n == shape if isinstance(shape, int) else n >= shape[0])
+
+
+def verify_records(path: str) -> dict:
+    """Read every record of the environment at `path` and check its shape (and the
+    superblock's JSON). Returns {"records": N, "problems": [...]}; opening or reading errors
+    are problems too. LMDB does not checksum its pages, so damage that keeps every shape
+    is not found here; what it is found by is fsck's cross-checks and block hashes.
+    Run it in a child process (fsck does): LMDB's C code may crash on a damaged page."""
+    problems: list[str] = []
+    records = 0
+    try:
+        meta = Meta(path, readonly=True)
+    except (lmdb.Error, ValueError, OSError) as exc:
+        return {"records": 0, "problems": [f"cannot open: {exc}"]}
+    try:
+        meta.quick_check(path)
+        with meta.begin() as txn:
+            for name, db in meta.db.items():
+                kshape, vshape = RECORD_SHAPES.get(name, (None, None))
+                try:
+                    for key, val in txn.cursor(db=db):
+                        records += 1
+                        if not _fits(kshape, len(key)) or not _fits(vshape, len(val)):
+                            problems.append(f"{name}: record {bytes(key[:24]).hex()} has the wrong shape "
+                                            f"({len(key)}-byte key, {len(val)}-byte value)")
+                            if len(problems) > 100:
+                                return {"records": records, "problems": problems}
+                except lmdb.Error as exc:
+                    problems.append(f"{name}: cannot be read to the end: {exc}")
+            for key in (b"superblock", b"state"):
+                try:
+                    if meta.get_json(txn, key) is None and key == b"superblock":
+                        problems.append("the superblock is missing")
+                except ValueError as exc:
+                    problems.append(f"super: {key.decode()} is not JSON ({exc})")
+    except (lmdb.Error, ValueError) as exc:
+        problems.append(str(exc))
+    finally:
+        meta.close()
+    return {"records": records, "problems": problems}
+
+
 def block_totals(rec: BlockRecord | None) -> tuple[int, int, int]:
     """(block bytes, stored bytes, referenced bytes) a block record adds to the totals."""
     if rec is None:
@@ -352,6 +408,21 @@ class Meta:
                 if name == b"super":
                     raise
 
+    def quick_check(self, path: str) -> None:
+        """Cheap checks that a mount makes before trusting the environment (ValueError if
+        it is damaged): the data file holds every page the meta page names (a short file
+        would be a SIGBUS at the first read past its end), and every sub-database's first
+        record can be reached. The whole check is verify_records (fsck)."""
+        data = os.path.join(path, "data.mdb")
+        need = (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
+        have = os.path.getsize(data)
+        if have < need:
+            raise ValueError(f"{data} is {have} bytes; its pages need {need} (truncated)")
+        with self.begin() as txn:
+            for name, db in self.db.items():
+                with txn.cursor(db=db) as cur:
+                    cur.first()
+
     def begin(self, write: bool = False) -> lmdb.Transaction:
         return self.env.begin(write=write)
 
@@ -359,13 +430,19 @@ class Meta:
         self.env.sync(True)
 
     def snapshot(self, path: str) -> None:
-        """Replace `path` (a directory) with a consistent copy of the environment."""
+        """Replace `path` (a directory) with a consistent, compacted copy of the
+        environment, synced before it takes the name."""
         import shutil
 
         tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp, mode=0o700)
-        self.env.copy(tmp)
+        self.env.copy(tmp, compact=True)
+        fd = os.open(os.path.join(tmp, "data.mdb"), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         old = path + ".old"
         shutil.rmtree(old, ignore_errors=True)
         if os.path.exists(path):

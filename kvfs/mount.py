@@ -16,7 +16,7 @@ import sys
 import time
 
 from .errors import QuietError, EXIT_MOUNT_FAILED, EXIT_NOT_MOUNTED
-from .warehouse import LOCK_FILE, LOG_FILE, Warehouse, lock_holder
+from .warehouse import BACKUP_INTERVAL, LOCK_FILE, LOG_FILE, Warehouse, lock_holder
 
 log = logging.getLogger("kvfs.mount")
 
@@ -131,13 +131,24 @@ def serve(warehouse: str, mountpoint: str, fuse_opts: set[str], kvfs_opts: dict[
 
     async def checkpoints():
         # A failing checkpoint (a device returning EIO to fdatasync, say) is logged and
-        # retried; it must not take the whole mount down with it.
+        # retried; it must not take the whole mount down with it. A metadata backup is
+        # taken right after a checkpoint every BACKUP_INTERVAL (and at once if there is
+        # none): what it copies is then durable on the devices too.
+        last_backup = None
         while True:
             await trio.sleep(CHECKPOINT_INTERVAL)
             try:
                 await trio.to_thread.run_sync(wh.checkpoint)
             except Exception:
                 log.exception("checkpoint failed; retrying in %.0f s", CHECKPOINT_INTERVAL)
+                continue
+            if wh.readonly or (last_backup is not None and trio.current_time() - last_backup < BACKUP_INTERVAL):
+                continue
+            try:
+                await trio.to_thread.run_sync(wh.backup_meta, last_backup is None)
+            except Exception:
+                log.exception("metadata backup failed; retrying at the next interval")
+            last_backup = trio.current_time()
 
     async def evictor():
         # Keeps use under the high watermark ahead of the writers, which evict inline only

@@ -89,6 +89,8 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 META_DIR = "meta"
 POWER_CUT_DIR = "meta.power-cut"  # fault drills only: the metadata a power cut would leave
+BACKUP_DIRS = ("meta.backup", "meta.backup.1")  # copies of the metadata, newest first
+BACKUP_INTERVAL = 600.0  # seconds between metadata backups of a mounted warehouse
 LOCK_FILE = "lock"
 LOG_FILE = "kvfs.log"
 DEFAULT_DEVICE = "data0.img"
@@ -298,12 +300,17 @@ class Warehouse:
     def _open_meta(self, meta_dir: str, readonly: bool) -> None:
         import lmdb
 
+        self.meta = None
         try:
             self.meta = M.Meta(meta_dir, readonly=readonly)
+            self.meta.quick_check(meta_dir)
             with self.meta.begin() as txn:
                 sb = self.meta.get_json(txn, b"superblock")
         except (lmdb.Error, ValueError) as exc:
-            raise QuietError(f"{self.path}: metadata is damaged ({exc}); run kvfs fsck", EXIT_NEEDS_FSCK) from None
+            if self.meta is not None:
+                self.meta.close()
+            raise QuietError(f"{self.path}: metadata is damaged ({exc}); run kvfs fsck {self.path} "
+                             "(--repair restores the newest metadata backup)", EXIT_NEEDS_FSCK) from None
         if sb is None:
             self.meta.close()
             raise QuietError(f"{self.path}: no superblock; not a kvfs warehouse or damaged (run kvfs fsck)", EXIT_NEEDS_FSCK)
@@ -435,6 +442,10 @@ class Warehouse:
                     with self.meta.begin(write=True) as txn:
                         self.meta.put_json(txn, b"state", {"clean": True})
                     self._sync_meta()
+                    try:
+                        self.backup_meta()
+                    except OSError as exc:
+                        log.error("metadata backup at unmount failed: %s", exc)
             finally:
                 self.devices.close()
                 self.meta.close()
@@ -452,6 +463,25 @@ class Warehouse:
             self._sync_devices()
             self._sync_meta()
             self.devices.checkpointed()
+
+    def backup_meta(self, only_if_missing: bool = False) -> str | None:
+        """Copy the metadata (a consistent, compacted snapshot; writers are not held up) to
+        the newest backup directory, keeping the one before it. fsck --repair falls back to
+        them when the metadata is damaged. Returns the backup's path (None if skipped)."""
+        import shutil
+
+        newest, older = (os.path.join(self.path, d) for d in BACKUP_DIRS)
+        if self.readonly or (only_if_missing and os.path.isdir(newest)):
+            return None
+        t0 = time.monotonic()
+        tmp = newest + ".new"
+        self.meta.snapshot(tmp)
+        shutil.rmtree(older, ignore_errors=True)
+        if os.path.isdir(newest):
+            os.rename(newest, older)
+        os.rename(tmp, newest)
+        log.info("metadata backed up to %s in %.2f s", newest, time.monotonic() - t0)
+        return newest
 
     def _sync_devices(self) -> None:
         try:
