@@ -76,13 +76,16 @@ class Fsck:
         self.step = "checking the eviction indexes"
         self.check_indexes()
         damaged: dict[bytes, str] = {}
+        verified: set[bytes] = set()
         if verify_data:
             self.step = "verifying block data"
-            damaged = self.check_data()
-        self.step = "checking damaged blocks"
-        self.check_quarantine(damaged)
+            damaged, verified = self.check_data()
+        # Counts first: the files that damaged blocks take with them are dropped through the
+        # engine, whose reference counting must start from exact counts.
         self.step = "checking block references"
         self.check_refcounts()
+        self.step = "checking damaged blocks"
+        self.check_quarantine(damaged, verified)
         self.step = "checking extents and free space"
         self.check_extents()
         self.step = "checking totals and quotas"
@@ -325,22 +328,32 @@ class Fsck:
                     self.meta.free_add(txn, dev, off, length)
                     self.freed.append((dev, off, length))
 
-    def check_data(self) -> dict[bytes, str]:
-        """Read and verify every stored block; returns {hash: reason} of those that fail."""
-        damaged = {}
+    def check_data(self) -> tuple[dict[bytes, str], set[bytes]]:
+        """Read and verify every stored block: ({hash: reason} of those whose stored copy
+        is wrong, hashes of those verified). A block the device fails to read (twice) is a
+        problem left alone: that is the device's fault, not damage to drop files for."""
+        damaged, verified = {}, set()
         for h, val in self.each("blocks"):
             rec = M.BlockRecord.unpack(val)
             if rec.dev >= len(self.wh.devices.devices):
                 continue  # check_extents reports it
-            try:
-                stored = self.wh.devices.devices[rec.dev].pread(rec.stored_len, rec.offset)
-                codecs.decode(stored, rec.codec, rec.raw_len, h)
-                self.stats["verified_blocks"] += 1
-            except (Corrupt, KvfsError) as exc:
-                damaged[bytes(h)] = str(exc)
-        return damaged
+            for attempt in (1, 2):
+                try:
+                    stored = self.wh.devices.devices[rec.dev].pread(rec.stored_len, rec.offset)
+                    codecs.decode(stored, rec.codec, rec.raw_len, h)
+                except Corrupt as exc:
+                    damaged[bytes(h)] = str(exc)
+                except KvfsError as exc:
+                    if attempt == 1:
+                        continue
+                    self.problem(f"block {h.hex()} on device {rec.dev} at {rec.offset} cannot be read: {exc}")
+                else:
+                    self.stats["verified_blocks"] += 1
+                    verified.add(bytes(h))
+                break
+        return damaged, verified
 
-    def check_quarantine(self, damaged: dict[bytes, str]) -> None:
+    def check_quarantine(self, damaged: dict[bytes, str], verified: set[bytes] = frozenset()) -> None:
         """Quarantine records name stored blocks as they are; blocks that are damaged
         (quarantined by a mount, or found by --verify-data) are held by no file. Repair
         quarantines them and drops the files that hold them: never served, and what is
@@ -349,9 +362,10 @@ class Fsck:
         bad: dict[bytes, str] = {}
         for h, q in list(self.meta.iter_quarantine(txn)):
             rec = self.meta.get_block(txn, h)
-            if rec is None or (rec.dev, rec.offset) != (q.dev, q.offset):
+            if rec is None or (rec.dev, rec.offset) != (q.dev, q.offset) or h in verified:
                 fix = self.repair
-                self.problem(f"quarantine record of block {h.hex()} names a copy that is gone", fix)
+                what = "a copy that is gone" if h not in verified else "a copy that verifies now"
+                self.problem(f"quarantine record of block {h.hex()} names {what}", fix)
                 if fix:
                     self.meta.delete_quarantine(txn, h)
                 continue
@@ -473,73 +487,75 @@ def _reclaim(wh: Warehouse, txn, candidates: list[tuple], effects: list, removed
     return sum(round_up(length) for _, _, length in effects[start:]), skipped
 
 
-def verify_meta(meta_dir: str) -> dict:
-    """meta.verify_records of an environment, run in a child process: a damaged page can
-    crash LMDB's C code, and that must not take fsck with it."""
-    import subprocess
-
-    code = "import json, sys; from kvfs.meta import verify_records; print(json.dumps(verify_records(sys.argv[1])))"
-    res = subprocess.run([sys.executable, "-c", code, meta_dir], capture_output=True, text=True)
-    if res.returncode != 0:
-        why = f"signal {-res.returncode}" if res.returncode < 0 else (res.stderr.strip().splitlines() or ["?"])[-1]
-        return {"records": 0, "problems": [f"reading it crashed ({why})"]}
-    return json.loads(res.stdout)
-
-
 def restore_backup(warehouse: str, meta_dir: str) -> dict:
     """Put the newest metadata backup that reads back whole in place of the damaged
-    metadata, which is kept beside it (meta.damaged-TIME). Raises QuietError if none does."""
+    metadata (the caller holds the warehouse lock). The damaged copy is kept beside it
+    (meta.damaged-TIME); the backup's data file replaces the damaged one in one rename,
+    synced first, so a crash leaves one or the other. QuietError if no backup reads back."""
     import shutil
 
     from .errors import QuietError, EXIT_NEEDS_FSCK
-    from .warehouse import BACKUP_DIRS, _lock
+    from .warehouse import BACKUP_DIRS
 
-    lock_fd = _lock(warehouse)  # no mount may start meanwhile
-    try:
-        tried = []
-        for name in BACKUP_DIRS:
-            backup = os.path.join(warehouse, name)
-            if not os.path.isfile(os.path.join(backup, "data.mdb")):
-                continue
-            check = verify_meta(backup)
-            if check["problems"]:
-                tried.append(f"{name}: {check['problems'][0]}")
-                continue
-            taken = os.path.getmtime(os.path.join(backup, "data.mdb"))
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            kept = os.path.join(warehouse, f"meta.damaged-{stamp}")
-            staging = meta_dir + ".restoring"
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(backup, staging)
-            os.rename(meta_dir, kept)
-            os.rename(staging, meta_dir)
-            return {"backup": name, "taken": taken, "records": check["records"], "damaged_copy": kept}
-        raise QuietError(f"{warehouse}: metadata is damaged and no backup reads back whole"
-                         + (f" ({'; '.join(tried)})" if tried else " (there is none)"), EXIT_NEEDS_FSCK)
-    finally:
-        os.close(lock_fd)
+    tried = []
+    for name in BACKUP_DIRS:
+        backup = os.path.join(warehouse, name)
+        if not os.path.isfile(os.path.join(backup, "data.mdb")):
+            continue
+        check = M.verify_in_child(backup)
+        if check["problems"]:
+            tried.append(f"{name}: {check['problems'][0]}")
+            continue
+        taken = os.path.getmtime(os.path.join(backup, "data.mdb"))
+        kept = os.path.join(warehouse, "meta.damaged-" + time.strftime("%Y%m%d-%H%M%S"))
+        shutil.copytree(meta_dir, kept)
+        staging = os.path.join(meta_dir, "data.mdb.restoring")
+        shutil.copyfile(os.path.join(backup, "data.mdb"), staging)
+        fd = os.open(staging, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(staging, os.path.join(meta_dir, "data.mdb"))
+        try:
+            os.unlink(os.path.join(meta_dir, "lock.mdb"))  # LMDB's reader table: made anew
+        except FileNotFoundError:
+            pass
+        return {"backup": name, "taken": taken, "records": check["records"], "damaged_copy": kept}
+    raise QuietError(f"{warehouse}: metadata is damaged and no backup reads back whole"
+                     + (f" ({'; '.join(tried)})" if tried else " (there is none)"), EXIT_NEEDS_FSCK)
 
 
 def run_fsck(args) -> int:
-    from .errors import QuietError, EXIT_NEEDS_FSCK
-    from .warehouse import META_DIR
+    from .errors import QuietError, EXIT_INTERNAL, EXIT_NEEDS_FSCK, EXIT_NO_WAREHOUSE
+    from .warehouse import META_DIR, _lock
 
     meta_dir = os.path.join(args.warehouse, META_DIR)
     restored = None
-    damage = verify_meta(meta_dir) if os.path.isdir(meta_dir) else {"problems": []}
-    if damage["problems"]:
-        if not args.repair:
-            for p in damage["problems"][:20]:
-                print(f"  metadata: {p}", file=sys.stderr)
-            raise QuietError(f"{args.warehouse}: metadata is damaged; kvfs fsck --repair restores the newest "
-                             "metadata backup and verifies every block against it", EXIT_NEEDS_FSCK)
-        restored = restore_backup(args.warehouse, meta_dir)
-        restored["damage"] = damage["problems"][:20]
-        log_restore = (f"metadata was damaged ({damage['problems'][0]}); restored {restored['backup']} "
-                       f"of {time.ctime(restored['taken'])}; the damaged copy is {restored['damaged_copy']}")
-        print(f"kvfs fsck: {log_restore}", file=sys.stderr)
-        args.verify_data = True  # extents may have been reused since the backup
-    wh = Warehouse(args.warehouse, check_only=not args.repair)
+    if not os.path.isdir(meta_dir):
+        raise QuietError(f"{args.warehouse} is not a kvfs warehouse (no {META_DIR}/)", EXIT_NO_WAREHOUSE)
+    lock_fd = _lock(args.warehouse)  # held from the check to the end: no mount meanwhile
+    try:
+        try:
+            damage = M.verify_in_child(meta_dir)
+        except OSError as exc:
+            raise QuietError(f"{args.warehouse}: {exc}", EXIT_INTERNAL) from None
+        if damage["problems"]:
+            if not args.repair:
+                for p in damage["problems"][:20]:
+                    print(f"  metadata: {p}", file=sys.stderr)
+                raise QuietError(f"{args.warehouse}: metadata is damaged; kvfs fsck --repair restores the newest "
+                                 "metadata backup and verifies every block against it", EXIT_NEEDS_FSCK)
+            restored = restore_backup(args.warehouse, meta_dir)
+            restored["damage"] = damage["problems"][:20]
+            print(f"kvfs fsck: metadata was damaged ({damage['problems'][0]}); restored {restored['backup']} "
+                  f"of {time.ctime(restored['taken'])}; the damaged copy is {restored['damaged_copy']}",
+                  file=sys.stderr)
+            args.verify_data = True  # extents may have been reused since the backup
+    except BaseException:
+        os.close(lock_fd)
+        raise
+    wh = Warehouse(args.warehouse, check_only=not args.repair, lock_fd=lock_fd)  # owns the lock now
     tty = sys.stderr.isatty() and not args.json
     try:
         recovered = wh.recovery

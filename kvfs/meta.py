@@ -371,6 +371,24 @@ def verify_records(path: str) -> dict:
     return {"records": records, "problems": problems}
 
 
+def verify_in_child(path: str) -> dict:
+    """verify_records of the environment at `path`, run in a child process: a damaged
+    page can crash LMDB's C code, and that must not take the caller with it. A child killed
+    by a signal means damage; a child that fails otherwise (it could not start, say) is an
+    OSError: nothing is known about the metadata then."""
+    import subprocess
+    import sys
+
+    code = "import json, sys; from kvfs.meta import verify_records; print(json.dumps(verify_records(sys.argv[1])))"
+    res = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True)
+    if res.returncode < 0:
+        return {"records": 0, "problems": [f"reading it crashed (signal {-res.returncode})"]}
+    if res.returncode != 0:
+        last = (res.stderr.strip().splitlines() or [f"exit status {res.returncode}"])[-1]
+        raise OSError(f"the metadata check could not run: {last}")
+    return json.loads(res.stdout)
+
+
 def block_totals(rec: BlockRecord | None) -> tuple[int, int, int]:
     """(block bytes, stored bytes, referenced bytes) a block record adds to the totals."""
     if rec is None:

@@ -135,13 +135,17 @@ def serve(warehouse: str, mountpoint: str, fuse_opts: set[str], kvfs_opts: dict[
         # taken right after a checkpoint every BACKUP_INTERVAL (and at once if there is
         # none): what it copies is then durable on the devices too.
         last_backup = None
+        failing = None  # (message, when logged): a failing device is logged once a minute
         while True:
             await trio.sleep(CHECKPOINT_INTERVAL)
             try:
                 await trio.to_thread.run_sync(wh.checkpoint)
-            except Exception:
-                log.exception("checkpoint failed; retrying in %.0f s", CHECKPOINT_INTERVAL)
+            except Exception as exc:
+                if failing is None or failing[0] != str(exc) or trio.current_time() - failing[1] > 60:
+                    log.exception("checkpoint failed; retrying every %.0f s", CHECKPOINT_INTERVAL)
+                    failing = (str(exc), trio.current_time())
                 continue
+            failing = None
             if wh.readonly or (last_backup is not None and trio.current_time() - last_backup < BACKUP_INTERVAL):
                 continue
             try:

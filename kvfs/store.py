@@ -204,14 +204,19 @@ class Device:
         self.dirty = False
         self.faults: Faults | None = None
         self._unsynced: dict[int, bytes] = {}  # offset -> bytes: a volatile write cache (Faults)
+        self.sync_error: str | None = None  # set by a failed sync: every later one fails too
 
     def pread(self, length: int, offset: int) -> bytes:
         try:
+            unsynced = None
             if self.faults is not None:
                 self.faults.check("read", self.index, offset, length)
+                # Taken before the file is read: a sync that writes the cache out and
+                # clears it meanwhile has then written the file first.
+                unsynced = list(self._unsynced.items()) if self._unsynced else None
             data = os.pread(self.fd, length, offset)
-            if self._unsynced:
-                data = self._overlay(data, offset)
+            if unsynced:
+                data = self._overlay(data, offset, unsynced)
         except OSError as exc:
             raise KvfsError(f"device {self.index} read at {offset}: {exc.strerror}", exc.errno) from None
         self.reads += 1
@@ -220,11 +225,11 @@ class Device:
             raise Corrupt(f"device {self.index}: short read at {offset} ({len(data)} of {length})")
         return data
 
-    def _overlay(self, data: bytes, offset: int) -> bytes:
+    def _overlay(self, data: bytes, offset: int, unsynced: list) -> bytes:
         """What a read sees through the volatile write cache (writes not yet synced)."""
         buf = None
         end = offset + len(data)
-        for woff, wdata in list(self._unsynced.items()):
+        for woff, wdata in unsynced:
             lo, hi = max(offset, woff), min(end, woff + len(wdata))
             if lo < hi:
                 buf = buf if buf is not None else bytearray(data)
@@ -263,20 +268,32 @@ class Device:
         self.dirty = True
 
     def sync(self) -> None:
-        """Make this device's writes durable (KvfsError if the device fails)."""
+        """Make this device's writes durable (KvfsError if the device fails).
+
+        A failed sync is sticky: after an fdatasync error the kernel may have dropped the
+        dirty pages and a retry would report success for writes that are lost (the
+        "fsyncgate" lesson), so every later sync fails too until the warehouse is opened
+        again (and fsck --verify-data says what survived)."""
+        if self.sync_error is not None:
+            raise KvfsError(f"device {self.index}: an earlier sync failed ({self.sync_error}); what was "
+                            "written since the last good sync may be lost: unmount, check the device, "
+                            "kvfs fsck --verify-data", errno.EIO)
         if not self.dirty:
             return
         try:
             if self.faults is not None and self.faults.check("sync", self.index):
                 self.dirty = False
                 return  # a lying drive
-            for woff, wdata in sorted(self._unsynced.items()):
+            pending = sorted(self._unsynced.items())
+            for woff, wdata in pending:
                 os.pwrite(self.fd, wdata, woff)
             os.fdatasync(self.fd)
         except OSError as exc:
-            # The device's state is unknown: stay dirty, so the next sync tries again.
+            self.sync_error = exc.strerror
             raise KvfsError(f"device {self.index} sync: {exc.strerror}", exc.errno) from None
-        self._unsynced.clear()
+        for woff, wdata in pending:  # (writes are made under the warehouse lock, as syncs are)
+            if self._unsynced.get(woff) is wdata:
+                del self._unsynced[woff]
         self.dirty = False
 
     def close(self) -> None:

@@ -112,6 +112,16 @@ def check_name(name: bytes) -> None:
         raise Invalid(f"invalid name {name!r}")
 
 
+class Damaged(Corrupt):
+    """A block's stored copy failed verification (or is quarantined): EIO, with where it is
+    (loc: hash, device, offset, stored length, raw length, codec) and why."""
+
+    def __init__(self, msg: str, loc: tuple, reason: str):
+        super().__init__(msg)
+        self.loc = loc
+        self.reason = reason
+
+
 @dataclass(frozen=True)
 class Pending:
     """A block an open file refers to that is not committed yet."""
@@ -222,15 +232,16 @@ class Warehouse:
 
     def __init__(self, path: str, readonly: bool = False, mountpoint: str | None = None,
                  compression: str | None = None, durability: str = "fsync",
-                 check_only: bool = False):
+                 check_only: bool = False, lock_fd: int | None = None):
         """Open (and lock) a warehouse. A read-write open runs recovery if the warehouse was
-        not closed cleanly; check_only opens it read-only as it is (for fsck)."""
+        not closed cleanly; check_only opens it read-only as it is (for fsck). lock_fd: the
+        warehouse lock, already taken by the caller (_lock); this open owns it from then."""
         readonly = readonly or check_only
         self.path = os.path.abspath(path)
         meta_dir = os.path.join(self.path, META_DIR)
         if not os.path.isdir(meta_dir):
             raise QuietError(f"{self.path} is not a kvfs warehouse (no {META_DIR}/; run kvfs mkfs)", EXIT_NO_WAREHOUSE)
-        self._lock_fd = _lock(self.path)
+        self._lock_fd = _lock(self.path) if lock_fd is None else lock_fd
         try:
             self._open_meta(meta_dir, readonly)
         except BaseException:
@@ -476,6 +487,12 @@ class Warehouse:
         t0 = time.monotonic()
         tmp = newest + ".new"
         self.meta.snapshot(tmp)
+        check = M.verify_in_child(tmp)  # a copy of damaged metadata must not push out a good one
+        if check["problems"]:
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.error("metadata backup not kept: the copy does not read back whole (%s); the metadata "
+                      "itself may be damaged: unmount and run kvfs fsck", check["problems"][0])
+            return None
         shutil.rmtree(older, ignore_errors=True)
         if os.path.isdir(newest):
             os.rename(newest, older)
@@ -1527,6 +1544,12 @@ class Warehouse:
                 p = of.changes[idx]
                 if p is None:
                     return "zero", None
+                if not p.own:
+                    # A block found already stored is read where its record says now: a heal
+                    # may have moved it since (and freed the copy the pending block named).
+                    rec = self.meta.get_block(txn, p.hash)
+                    if rec is not None:
+                        return "blk", (p.hash, rec.dev, rec.offset, rec.stored_len, rec.raw_len, rec.codec)
                 return "blk", (p.hash, p.dev, p.offset, p.stored_len, p.raw_len, p.codec)
             if of.trunc_blocks is not None and idx >= of.trunc_blocks:
                 return "zero", None
@@ -1538,9 +1561,11 @@ class Warehouse:
             raise Corrupt(f"inode {ino} block {idx}: block {h.hex()} has no record")
         return "blk", (h, rec.dev, rec.offset, rec.stored_len, rec.raw_len, rec.codec)
 
-    def _fetch(self, loc, ino: int) -> bytes:
-        """The verified bytes of a block of file `ino`. A stored copy that fails
-        verification is quarantined (and the file dropped): Corrupt (EIO), never data."""
+    def _fetch(self, loc) -> bytes:
+        """The verified bytes of a block: Damaged (EIO) if its stored copy fails
+        verification or is quarantined, never data. The caller, once its read is over
+        (read_end: a quarantine takes the lock, which an allocator waiting for running
+        reads may hold), hands that to _quarantine."""
         h, dev, off, slen, rlen, codec = loc
         with self._cache_lock:
             data = self._cache.get(h)
@@ -1549,18 +1574,18 @@ class Warehouse:
                 self.counters["cache_hits"] += 1
                 return data
         if (h, dev, off) in self.bad_blocks:
-            self._quarantine(h, dev, off, slen, ino, "")  # drops this file too
-            raise Corrupt(f"block {h.hex()} is quarantined (failed verification earlier)")
+            raise Damaged(f"block {h.hex()} is quarantined (failed verification earlier)", loc, "")
         try:
             stored = self.devices.devices[dev].pread(slen, off)
+        except Corrupt as exc:  # (a short read)
+            raise Damaged(str(exc), loc, str(exc)) from None
         except KvfsError:
             self.counters["device_errors"] += 1
             raise
         try:
             data = codecs.decode(stored, codec, rlen, h)
         except Corrupt as exc:
-            self._quarantine(h, dev, off, slen, ino, str(exc))
-            raise
+            raise Damaged(str(exc), loc, str(exc)) from None
         self.counters["device_reads"] += 1
         with self._cache_lock:
             if h not in self._cache:
@@ -1571,19 +1596,21 @@ class Warehouse:
                     self._cache_bytes -= len(old)
         return data
 
-    def _quarantine(self, h: bytes, dev: int, off: int, slen: int, ino: int, reason: str) -> None:
-        """Remember (in LMDB) that the stored copy of block `h` at (dev, off) is damaged, so
-        it is never read or deduplicated against again, and drop file `ino`, in which it was
-        found: its names go now (its data at its last close). A file open for writing keeps
-        its names (its writer may yet replace the block); other files that share the block
-        are dropped when they read it. A later write of the same content heals the block."""
+    def _quarantine(self, damage: "Damaged", ino: int) -> None:
+        """Remember (in LMDB) that the stored copy of a block is damaged, so that it is never
+        read or deduplicated against again, and drop file `ino`, in which it was found, if
+        the file still holds it: its names go now (its data at its last close). A file open
+        for writing keeps its names (its writer may yet replace the block); other files that
+        share the block are dropped when they read it. A later write of the same content
+        heals the block. Call it outside any read (see _fetch)."""
+        h, dev, off, slen = damage.loc[:4]
+        reason = damage.reason
         effects: list = []
         removed: list = []
-        first = (h, dev, off) not in self.bad_blocks
         with self._lock:
-            self.bad_blocks.add((h, dev, off))
             if self.readonly:
-                if first:
+                if (h, dev, off) not in self.bad_blocks:
+                    self.bad_blocks.add((h, dev, off))
                     self.counters["corrupt_blocks"] += 1
                     log.error("block %s on device %d at %d failed verification (%s): returning EIO "
                               "(read-only mount: not recorded; run kvfs fsck --verify-data)", h.hex(), dev, off, reason)
@@ -1591,7 +1618,8 @@ class Warehouse:
             with self.meta.begin(write=True) as txn:
                 rec = self.meta.get_block(txn, h)
                 if rec is None or (rec.dev, rec.offset) != (dev, off):
-                    return  # healed or freed meanwhile
+                    return  # healed or freed meanwhile: the copy that failed is nobody's now
+                self.bad_blocks.add((h, dev, off))
                 if self.meta.get_quarantine(txn, h) is None:
                     self.meta.put_quarantine(txn, h, M.Quarantined(dev, off, slen, now_ns(), ino, reason))
                     self.counters["corrupt_blocks"] += 1
@@ -1601,6 +1629,8 @@ class Warehouse:
                 of = self._open.get(ino)
                 if inode is None or inode.nlink == 0 or not stat.S_ISREG(inode.mode) or (of is not None and of.writers):
                     return
+                if not any(v == h for _, v in self.meta.iter_prefix(txn, "bmap", M.ino_key(ino))):
+                    return  # rewritten meanwhile: what it holds now is not this block
                 path = self.meta.path_of(txn, ino)
                 self._remove_names(txn, ino, effects, removed)
                 self.counters["quarantined_files"] += 1
@@ -1653,26 +1683,34 @@ class Warehouse:
         for _, dev, off, slen, _, _ in ahead:
             self.devices.devices[dev].prefetch(off, slen)
         try:
-            if len(parts) == 1 and parts[0][0] == "blk":
-                _, loc, lo, hi = parts[0]
-                data = self._fetch(loc, h.ino)
-                if hi <= len(data):
-                    return data[lo:hi] if (lo, hi) != (0, len(data)) else data
-            out = bytearray()
-            for kind, what, lo, hi in parts:
-                if kind == "data":
-                    out += what
-                elif kind == "zero":
-                    out += bytes(hi - lo)
-                else:
-                    data = self._fetch(what, h.ino)
-                    chunk = data[lo:hi]
-                    out += chunk
-                    if len(chunk) < hi - lo:
-                        out += bytes(hi - lo - len(chunk))
-            return bytes(out)
+            return self._assemble(parts)
+        except Damaged as damage:
+            failed = damage
         finally:
             self.devices.read_end(gen)
+        self._quarantine(failed, h.ino)
+        raise failed
+
+    def _assemble(self, parts: list) -> bytes:
+        """The bytes of a read from its resolved parts (see read)."""
+        if len(parts) == 1 and parts[0][0] == "blk":
+            _, loc, lo, hi = parts[0]
+            data = self._fetch(loc)
+            if hi <= len(data):
+                return data[lo:hi] if (lo, hi) != (0, len(data)) else data
+        out = bytearray()
+        for kind, what, lo, hi in parts:
+            if kind == "data":
+                out += what
+            elif kind == "zero":
+                out += bytes(hi - lo)
+            else:
+                data = self._fetch(what)
+                chunk = data[lo:hi]
+                out += chunk
+                if len(chunk) < hi - lo:
+                    out += bytes(hi - lo - len(chunk))
+        return bytes(out)
 
     def _load_block(self, of: OpenFile, idx: int) -> bytearray:
         with self.meta.begin() as txn:
@@ -1683,9 +1721,16 @@ class Warehouse:
         elif kind == "blk":
             gen = self.devices.read_begin()
             try:
-                data = self._fetch(what, of.ino)
+                data = self._fetch(what)
+            except Damaged as damage:
+                failed = damage
+            else:
+                failed = None
             finally:
                 self.devices.read_end(gen)
+            if failed is not None:
+                self._quarantine(failed, of.ino)
+                raise failed
             buf[: len(data)] = data
         return buf
 
@@ -1891,6 +1936,11 @@ class Warehouse:
             self.meta.put_block(txn, p.hash, M.BlockRecord(p.dev, p.offset, p.stored_len, p.raw_len, p.codec, 1))
             self.meta.free_remove(txn, p.dev, p.offset, round_up(p.stored_len))
             return
+        if not p.own and (p.hash, rec.dev, rec.offset) in self.bad_blocks:
+            # Found stored when written, found damaged since: the bytes are not kept, so the
+            # commit fails (EIO) rather than publish a block that cannot be read.
+            raise Corrupt(f"block {p.hash.hex()} that this file shares was found damaged before "
+                          "its commit; write the file again")
         rec.refcount += 1
         if p.own and (rec.dev, rec.offset) != (p.dev, p.offset):
             if (p.hash, rec.dev, rec.offset) in self.bad_blocks:
