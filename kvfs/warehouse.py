@@ -304,11 +304,11 @@ class Warehouse:
         if sb is None:
             self.meta.close()
             raise QuietError(f"{self.path}: no superblock; not a kvfs warehouse or damaged (run kvfs fsck)", EXIT_NEEDS_FSCK)
-        if sb.get("format") != M.FORMAT_REVISION:
+        if sb.get("format") not in M.FORMAT_READABLE:
             self.meta.close()
             raise QuietError(
                 f"{self.path}: format revision {sb.get('format')} is not supported "
-                f"(this kvfs reads revision {M.FORMAT_REVISION})", EXIT_NO_WAREHOUSE)
+                f"(this kvfs reads revisions {', '.join(map(str, M.FORMAT_READABLE))})", EXIT_NO_WAREHOUSE)
         self.sb = sb
         self.block_size = sb["block_size"]
         devs = []
