@@ -212,6 +212,8 @@ class Operations(pyfuse3.Operations):
         kw = {}
         if fields.update_size:
             kw["size"] = attr.st_size
+            if attr.st_size and self.wh.remote_pending(inode):  # its data first, in a thread
+                await trio.to_thread.run_sync(self.wh.fill_remote, inode)
         if fields.update_mode:
             kw["mode"] = attr.st_mode
         if fields.update_uid:

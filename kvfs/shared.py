@@ -78,7 +78,11 @@ CAS_ATTEMPTS = 8
 
 
 class SharedError(KvfsError):
-    """The store refused a request (credentials, bucket, a key it will not take)."""
+    """The store refused a request for one object (a key or body it will not take)."""
+
+
+class StoreRefused(SharedError):
+    """The store refuses everything: credentials, permissions, no such bucket."""
 
 
 class Unreachable(SharedUnavailable):
@@ -218,8 +222,9 @@ class Store:
 
     Every request has `timeout` seconds to connect and `timeout` for each read, and is
     not retried. A request that cannot reach the store raises Unreachable and marks the
-    store down for a back-off period, during which requests raise Unreachable at once; a
-    refusal (credentials, no such bucket, a key it will not take) raises SharedError."""
+    store down for a back-off period, during which requests raise Unreachable at once. A
+    refusal of everything (credentials, permissions, no such bucket) raises StoreRefused;
+    a refusal of one object (a key or body it will not take) SharedError."""
 
     def __init__(self, bucket: str, endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT):
         import boto3
@@ -284,10 +289,11 @@ class Store:
             err = exc.response.get("Error", {})
             code = str(err.get("Code", ""))
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            if code in ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            if code in ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                        "InvalidToken", "ExpiredToken", "AllAccessDisabled"):
                 self._reached()
                 self.last_error = f"{code}: {err.get('Message', '')}".strip()
-                raise SharedError(f"shared tier refused {op}: {self.last_error}") from None
+                raise StoreRefused(f"shared tier refused {op}: {self.last_error}") from None
             if status == 404 or code in ("NoSuchKey", "404", "NotFound"):
                 self._reached()
                 return None
@@ -302,10 +308,11 @@ class Store:
                 raise Unreachable(f"shared tier: {op} failed with {code or status}") from None
             self._reached()
             raise SharedError(f"shared tier refused {op}: {code or status} {err.get('Message', '')}".strip()) from None
-        except (bx.NoCredentialsError, bx.PartialCredentialsError, bx.NoRegionError,
-                bx.ParamValidationError) as exc:  # configuration (or a bug), not an outage
+        except (bx.NoCredentialsError, bx.PartialCredentialsError, bx.NoRegionError) as exc:
             self.last_error = str(exc)
-            raise SharedError(f"shared tier: {exc}") from None
+            raise StoreRefused(f"shared tier: {exc}") from None
+        except bx.ParamValidationError as exc:  # a bug, not an outage
+            raise SharedError(f"shared tier: {op}: {exc}") from None
         except (bx.BotoCoreError, OSError) as exc:  # connect, read and DNS failures, timeouts
             self.trip(type(exc).__name__)
             raise Unreachable(f"shared tier unreachable: {exc}") from None
@@ -349,7 +356,7 @@ class Store:
         if out == "unsupported":
             raise SharedError(f"shared tier: PutObject of {key} is not implemented")
         if out is None:  # 404 on a PUT: the bucket is gone (some stores say so this way)
-            raise SharedError(f"shared tier: PutObject of {key} answered 404 (no bucket?)")
+            raise StoreRefused(f"shared tier: PutObject of {key} answered 404 (no bucket?)")
         return out != "conflict"
 
     def exists(self, key: str) -> bool:
@@ -452,6 +459,7 @@ class SharedTier:
             "state": "unreachable" if down else ("failing" if self.store.last_error else "ok"),
             "last_error": self.store.last_error,
             "retry_in": round(down, 3),
+            "uploading": self.uploading,
         }
 
     # -- read-through ---------------------------------------------------------------
@@ -576,14 +584,14 @@ class SharedTier:
             except Unreachable:
                 self.count("failures")
                 continue  # the store is down now: the entry waits for it
-            except SharedError as exc:  # the store refuses: tried again, logged once per reason
+            except StoreRefused as exc:  # the store refuses all: tried again, logged once per reason
                 self.count("failures")
                 if str(exc) != refused:
                     log.error("shared tier: cannot upload (%s); retrying every %.0f s", exc, MAX_BACKOFF)
                     refused = str(exc)
                 pause = MAX_BACKOFF
                 continue
-            except KvfsError as exc:  # this file cannot be shared (unreadable block, say)
+            except KvfsError as exc:  # this file cannot be shared (unreadable block, a refused key)
                 self.count("failures")
                 log.error("shared tier: inode %d is not shared: %s", ino, exc)
             except Exception:
@@ -605,7 +613,7 @@ class SharedTier:
             names = [n for n in names if n[3] is not None]
             if not names:
                 return
-            self.uploading = names[0][2].decode()
+            self.uploading = names[0][2].decode(errors="replace")
             self._put_blocks(snap)
             m = Manifest("file", "", snap.mode & 0o7777, snap.uid, snap.gid, snap.mtime_ns, snap.size,
                          snap.block_size, snap.hashes, snap.xattrs, self.node, version)

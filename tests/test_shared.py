@@ -20,7 +20,7 @@ import pytest
 
 from conftest import run_kvfs, wait_for
 from kvfs import meta as M
-from kvfs.shared import Keys, Manifest, parse_url
+from kvfs.shared import Keys, Manifest, Store, StoreRefused, Unreachable, parse_url
 from seaweed import BUCKET, Seaweed, free_ports
 
 MiB = 1 << 20
@@ -117,6 +117,33 @@ def test_manifests_keys_and_urls():
                    m.encode().replace(b'"mode":420', b'"mode":-1'), b"not json"):
         with pytest.raises(ValueError):
             Manifest.decode(broken)
+
+
+def test_store_requests_conditions_and_breaker(seaweed, store_env, monkeypatch):
+    """The store client alone: conditional creates, compare-and-swap, refusals that are
+    not outages, and an outage that costs one timeout, not one per request."""
+    store_env(seaweed)
+    s = Store(BUCKET, seaweed.endpoint, timeout=1)
+    key = f"unit-{uuid.uuid4().hex[:8]}/x"
+    assert s.get(key) is None
+    assert s.put(key, b"one", if_none_match=True)
+    assert not s.put(key, b"two", if_none_match=True)  # exists: not replaced
+    body, etag = s.get(key)
+    assert body == b"one"
+    assert not s.put(key, b"three", if_match='"not-the-etag"')
+    assert s.put(key, b"three", if_match=etag) and s.get(key)[0] == b"three"
+    assert s.delete_tree(key.rsplit("/", 1)[0]) == 1 and s.get(key) is None
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    with pytest.raises(StoreRefused):
+        Store(BUCKET, seaweed.endpoint, timeout=1).get(key)
+    dead = Store(BUCKET, f"http://127.0.0.1:{free_ports(1)[0]}", timeout=1)
+    with pytest.raises(Unreachable):
+        dead.get(key)
+    assert dead.down() > 0
+    t0 = time.monotonic()
+    with pytest.raises(Unreachable):
+        dead.put(key, b"x")
+    assert time.monotonic() - t0 < 0.05  # not tried: the breaker is open
 
 
 def test_written_on_a_read_on_b(nodes, seaweed, make_mount):
