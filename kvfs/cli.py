@@ -213,7 +213,7 @@ def cmd_stat(args) -> int:
         print(f"DAMAGE     {c['corrupt_blocks']} blocks failed verification: run kvfs fsck --verify-data")
     sh = st.get("shared")
     if sh:
-        where = sh["url"] or "not configured on this mount"
+        where = sh["url"] or "none now (counters of earlier mounts)"
         state = f", {sh['state']}" + (f": {sh['last_error']}" if sh.get("last_error") else "") if sh["url"] else ""
         print(f"shared     {where}{state}; queue {sh['queue']:,} files"
               + (f" (at most {sh['queue_limit']:,} unpinned)" if sh.get("queue_limit") else "")

@@ -96,6 +96,9 @@ def fsck_clean(m):
     m.umount()
     report = json.loads(run_kvfs("fsck", m.warehouse, "--verify-data", "--json").stdout)
     assert report["clean"], report["problems"]
+    st = json.loads(run_kvfs("stat", m.warehouse, "--json").stdout)["shared"]  # unmounted: counters
+    assert st is None or (st["state"] == "not configured" and "uploaded_files" in st), st
+    assert "Traceback" not in run_kvfs("stat", m.warehouse).stderr
 
 
 def test_manifests_keys_and_urls():
