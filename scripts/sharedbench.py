@@ -42,7 +42,7 @@ def drop_caches():
         f.write("3")
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--files", type=int, default=32)
     ap.add_argument("--size-mib", type=int, default=8)
@@ -51,7 +51,7 @@ def main() -> int:
     ap.add_argument("--endpoint", help="an S3 endpoint to use instead of a local SeaweedFS")
     ap.add_argument("--bucket", default="kvfs-bench")
     ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     base = tempfile.mkdtemp(prefix="kvfs-sharedbench-", dir=args.dir)
     sw = None
