@@ -40,14 +40,20 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def bypass_proxies() -> None:
+    """An HTTP proxy in the environment must not stand between a client and 127.0.0.1."""
+    for var in ("NO_PROXY", "no_proxy"):
+        have = [h for h in os.environ.get(var, "").split(",") if h]
+        os.environ[var] = ",".join(have + [h for h in ("127.0.0.1", "localhost") if h not in have])
+
+
 class Seaweed:
     def __init__(self, base):
         self.base = str(base)
         self.data = os.path.join(self.base, "data")
         os.makedirs(self.data, exist_ok=True)
-        (self.master, self.master_grpc, self.volume, self.volume_grpc, self.filer, self.filer_grpc,
-         self.s3, self.s3_grpc) = free_ports(8)
-        self.endpoint = f"http://127.0.0.1:{self.s3}"
+        self._pick_ports()
+        bypass_proxies()
         self.config = os.path.join(self.base, "s3.json")
         with open(self.config, "w") as f:
             f.write('{"identities": [{"name": "kvfs", "credentials": [{"accessKey": "%s", "secretKey": "%s"}],'
@@ -55,6 +61,11 @@ class Seaweed:
         self.log = os.path.join(self.base, "weed.log")
         self.proc = None
         self.weed = weed_binary()
+
+    def _pick_ports(self) -> None:
+        (self.master, self.master_grpc, self.volume, self.volume_grpc, self.filer, self.filer_grpc,
+         self.s3, self.s3_grpc) = free_ports(8)
+        self.endpoint = f"http://127.0.0.1:{self.s3}"
 
     def command(self) -> list[str]:
         res = subprocess.run([self.weed, "help", "server"], capture_output=True, text=True)
@@ -86,6 +97,14 @@ class Seaweed:
 
     def start(self, timeout: float = 90.0) -> None:
         """Start (or restart, on the same data and ports) and wait until the bucket works."""
+        first = self.proc is None
+        for attempt in range(3):
+            if self._start(timeout, last_try=attempt == 2 or not first):
+                return
+            self._pick_ports()  # one was taken between picking it and binding it: others
+
+    def _start(self, timeout: float, last_try: bool) -> bool:
+        size = os.path.getsize(self.log) if os.path.exists(self.log) else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                          start_new_session=True, cwd=self.base)
@@ -103,13 +122,17 @@ class Seaweed:
                         raise
                     s3.create_bucket(Bucket=BUCKET)
                 s3.put_object(Bucket=BUCKET, Key="ready", Body=b"1")
-                return
+                return True
             except Exception as exc:  # not up yet
                 last = exc
                 time.sleep(0.2)
-        tail = open(self.log, errors="replace").read()[-3000:]
+        with open(self.log, "rb") as f:
+            f.seek(size)
+            log = f.read().decode(errors="replace")
         self.stop()
-        pytest.fail(f"SeaweedFS did not start (last error {last!r}); its log ends:\n{tail}")
+        if not last_try and "address already in use" in log:
+            return False
+        pytest.fail(f"SeaweedFS did not start (last error {last!r}); its log ends:\n{log[-3000:]}")
 
     def pause(self) -> None:
         os.kill(self.proc.pid, signal.SIGSTOP)

@@ -146,7 +146,7 @@ def test_store_requests_conditions_and_breaker(seaweed, store_env, monkeypatch):
     t0 = time.monotonic()
     with pytest.raises(Unreachable):
         dead.put(key, b"x")
-    assert time.monotonic() - t0 < 0.05  # not tried: the breaker is open
+    assert time.monotonic() - t0 < 0.3  # not tried (the timeout is 1 s): the breaker is open
 
 
 def test_written_on_a_read_on_b(nodes, seaweed, make_mount):
