@@ -420,12 +420,20 @@ class Operations(pyfuse3.Operations):
             return await self._open_control(inode, flags, ctx)
         acc = flags & os.O_ACCMODE
         write = acc in (os.O_WRONLY, os.O_RDWR)
-        if self.wh.remote_pending(inode):  # data still in the shared tier
-            if write and flags & os.O_TRUNC:
-                self.wh.drop_remote(inode)  # about to be emptied: nothing to fetch
-            else:
-                await trio.to_thread.run_sync(self.wh.fill_remote, inode)
-        fh = self.wh.open(inode, write=write, append=bool(flags & os.O_APPEND))
+        try:
+            if self.wh.remote_pending(inode):  # data still in the shared tier
+                if write and flags & os.O_TRUNC:
+                    self.wh.drop_remote(inode)  # about to be emptied: nothing to fetch
+                else:
+                    await trio.to_thread.run_sync(self.wh.fill_remote, inode)
+            fh = self.wh.open(inode, write=write, append=bool(flags & os.O_APPEND))
+        except KvfsError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            # The kernel still holds a name for an inode that is gone (evicted, or replaced
+            # by a newer version from the shared tier) and not yet forgotten: ESTALE makes
+            # it look the name up again and retry the open once (Linux's do_filp_open).
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
         if write and flags & os.O_TRUNC:
             try:
                 self.wh.setattr(inode, size=0)

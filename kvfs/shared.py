@@ -28,7 +28,9 @@ seconds old (a temporary file renamed at once is uploaded under its final name),
 blocks the store lacks, then the manifest: its own version (the publication time, then the
 node's warehouse uuid) replaces a missing or older manifest; if the store holds a newer one,
 another node published the path later: this node's copy is replaced by that version (it
-is read through), so that one version wins everywhere.
+is read through), so that one version wins everywhere. The other order (this node's older
+version lands first, a newer one after it) is caught by looking at each manifest put here
+again RECHECKS seconds later: a newer version found then replaces the local copy too.
 
 Read-through. A lookup that misses locally GETs the manifest at that path (a bounded wait);
 if there is one, the file (or directory) appears, its data fetched at its first open, each
@@ -36,7 +38,7 @@ block verified against its hash (a mismatch is refused: EIO, counted, logged, ne
 or served) and kept locally, under the normal eviction rules. A miss is remembered for
 MISS_TTL seconds. A local copy is authoritative while it exists: a newer version published
 elsewhere is seen here once the local copy is evicted, unlinked or retired, or when this
-node's own upload of the path finds it.
+node's own upload of the path (or its recheck) finds it.
 
 Store outage. Every request has the configured timeout (connect and read) and no retries;
 a lookup waits for its manifest at most that long, whatever the store does. After a failure
@@ -49,6 +51,8 @@ import base64
 import collections
 import concurrent.futures
 import hashlib
+import heapq
+import itertools
 import json
 import logging
 import threading
@@ -75,6 +79,8 @@ UPLOAD_THREADS = 4
 MAX_MANIFEST = 64 << 20  # bytes: a larger object at a manifest key is not one
 MANIFEST_FORMAT = 1
 CAS_ATTEMPTS = 8
+RECHECKS = (5.0, 60.0)  # seconds after putting a manifest that it is looked at again
+RECHECK_LIMIT = 10_000  # manifests waiting to be looked at again, at most
 
 
 class SharedError(KvfsError):
@@ -386,6 +392,14 @@ class Store:
                 return n
 
 
+@dataclass
+class _Local:
+    """Which local copy a version from the store may replace (see install_remote)."""
+
+    ino: int
+    mtime_ns: int
+
+
 class SharedTier:
     """A mount's shared tier: the uploader thread, read-through lookups, block fetches.
 
@@ -416,6 +430,8 @@ class SharedTier:
         self._known_lock = threading.Lock()
         self._count_lock = threading.Lock()
         self._publish_lock = threading.Lock()  # a manifest put against a retire --shared
+        self._rechecks: list = []  # heap of (when, n, later delays, key, parent, name, ino, mtime_ns, order)
+        self._recheck_n = itertools.count()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -564,6 +580,9 @@ class SharedTier:
                 self._stop.wait(pause)
                 pause = 0.0
                 continue
+            if self._rechecks and self._rechecks[0][0] <= time.monotonic() and not self.store.down():
+                self._recheck(heapq.heappop(self._rechecks))
+                continue
             item = self.wh.next_upload()
             if item is None:
                 self._wake.wait(1.0)
@@ -624,7 +643,9 @@ class SharedTier:
                     if path not in self.wh.paths_now(ino):
                         continue  # renamed, unlinked or retired meanwhile
                     m.path = path.decode()
-                    uploaded |= self._put_manifest(key, m, snap, parent, name)
+                    if self._put_manifest(key, m, snap, parent, name):
+                        uploaded = True
+                        self._recheck_later(RECHECKS, key, parent, name, snap.ino, snap.mtime_ns, m.order)
                     self._misses.pop(path, None)  # a lookup before the file was made here
             if uploaded:
                 self.count("uploaded_files")
@@ -704,7 +725,7 @@ class SharedTier:
                 except ValueError:
                     log.warning("shared tier: replacing %s, which is not a valid manifest", key)
             if theirs is not None and theirs.kind == "file" and theirs.order >= m.order:
-                if theirs.order != m.order:
+                if theirs.node != self.node:  # not a later upload of this very node
                     self._adopt(theirs, snap, parent, name, key)
                 return False
             if self.store.put(key, body, if_none_match=got is None, if_match=got[1] if got else None):
@@ -712,14 +733,41 @@ class SharedTier:
         raise Unreachable(f"shared tier: {key} changed {CAS_ATTEMPTS} times while it was being replaced")
 
     def _adopt(self, theirs: Manifest, snap, parent: int, name: bytes, key: str) -> None:
-        """Another node published this path later: its version replaces ours here too."""
-        self.count("superseded_files")
-        log.info("shared tier: %s was published later by node %s; that version replaces this node's",
-                 key, theirs.node)
+        """Another node published this path later: its version replaces ours here too
+        (if our copy is still the one uploaded, and not being written)."""
         try:
-            self.wh.install_remote(parent, name, theirs, replace=(snap.ino, snap.mtime_ns))
+            done = self.wh.install_remote(parent, name, theirs, replace=(snap.ino, snap.mtime_ns))
         except KvfsError as exc:
             log.warning("shared tier: keeping this node's copy of %s: %s", key, exc)
+            return
+        if done is not None:
+            self.count("superseded_files")
+            log.info("shared tier: %s was published later by node %s; that version replaces this "
+                     "node's", key, theirs.node)
+
+    def _recheck_later(self, delays, key, parent, name, ino, mtime_ns, order) -> None:
+        if delays and len(self._rechecks) < RECHECK_LIMIT:  # past the limit, not looked at again
+            heapq.heappush(self._rechecks, (time.monotonic() + delays[0], next(self._recheck_n), delays[1:],
+                                            key, parent, name, ino, mtime_ns, order))
+
+    def _recheck(self, item) -> None:
+        """Look again at a manifest this node put: a newer version from another node that
+        landed after ours replaces our local copy, as it would have had it landed first."""
+        _, _, later, key, parent, name, ino, mtime_ns, order = item
+        try:
+            got = self.store.get(key, MAX_MANIFEST)
+            theirs = Manifest.decode(got[0]) if got is not None else None
+        except Unreachable:
+            heapq.heappush(self._rechecks, item)  # when the store is back
+            return
+        except (KvfsError, ValueError):
+            return
+        if theirs is None or theirs.kind != "file":
+            return
+        if theirs.order > order and theirs.node != self.node:
+            self._adopt(theirs, _Local(ino, mtime_ns), parent, name, key)
+        else:
+            self._recheck_later(later, key, parent, name, ino, mtime_ns, order)
 
     # -- retire --shared ------------------------------------------------------------------
 

@@ -247,13 +247,22 @@ def test_two_writers_one_version_wins(nodes, seaweed):
     drained(b)
     s3 = seaweed.client()
     owner = {uuid_of(a): a.path, uuid_of(b): b.path}
+    winner = {}
     for p in paths:
         man = json.loads(s3.get_object(Bucket=BUCKET, Key=nodes.keys.manifest(p.encode()))["Body"].read())
-        winner = mine[owner[man["node"]]][p]
+        winner[p] = mine[owner[man["node"]]][p]
         for m in (a, b):
             assert read(m.p(p)) in (mine[a.path][p], mine[b.path][p])  # whole, one or the other
+    # Each node ends on the version in the store by itself: the loser takes it when its
+    # upload finds it newer, or when it looks at its own manifest again (5 s after it).
+    t0 = time.monotonic()
+    assert wait_for(lambda: all(read(m.p(p)) == winner[p] for p in paths for m in (a, b)), 20)
+    print(f"\nboth nodes on the winning versions {time.monotonic() - t0:.1f} s after the uploads; "
+          f"superseded here: A {shared(a)['superseded_files']}, B {shared(b)['superseded_files']}")
+    for p in paths:
+        for m in (a, b):
             os.unlink(m.p(p))  # local only: the shared version stays
-            assert read(m.p(p)) == winner, (p, m.path)  # a fresh lookup: the winner, everywhere
+            assert read(m.p(p)) == winner[p], (p, m.path)  # a fresh lookup: the same
 
     # A stale writer: A publishes while it cannot reach the store, B publishes the same
     # path later and uploads it; when A's old version reaches the store, it loses, and A
