@@ -709,6 +709,8 @@ class SharedTier:
                 pass
             else:
                 self.store.put(key, m.encode(), if_none_match=True)
+            if len(self._dirs) >= MISS_CACHE:
+                self._dirs.clear()
             self._dirs[d] = now + DIR_TTL
 
     def _put_manifest(self, key: str, m: Manifest, snap, parent: int, name: bytes) -> bool:
