@@ -71,7 +71,7 @@ class Catalog:
             raise QuietError(f"{warehouse}: metadata cannot be read ({exc}); run kvfs fsck", EXIT_NEEDS_FSCK) from None
         with self.meta.begin() as txn:
             sb = self.meta.get_json(txn, b"superblock") or {}
-        if sb.get("format") != M.FORMAT_REVISION:
+        if sb.get("format") not in M.FORMAT_READABLE:
             self.meta.close()
             raise QuietError(f"{warehouse}: format revision {sb.get('format')} is not supported", EXIT_NO_WAREHOUSE)
 

@@ -90,6 +90,10 @@ def cmd_mount(args) -> int:
         kvfs_opts["metrics_port"] = str(args.metrics_port)
     if args.metrics_addr:
         kvfs_opts["metrics_addr"] = args.metrics_addr
+    for key in ("shared", "shared_endpoint", "shared_timeout", "shared_queue"):
+        if getattr(args, key) is not None:
+            kvfs_opts[key] = str(getattr(args, key))
+    _check_shared_options(kvfs_opts, fuse_opts)
     port = kvfs_opts.get("metrics_port")
     if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
         raise QuietError(f"metrics_port must be a port number, not {port!r}", EXIT_USAGE)
@@ -128,10 +132,35 @@ def cmd_mount(args) -> int:
         argv += ["--metrics-port", str(args.metrics_port)]
     if args.metrics_addr:
         argv += ["--metrics-addr", args.metrics_addr]
+    for key in ("shared", "shared_endpoint", "shared_timeout", "shared_queue"):
+        if getattr(args, key) is not None:
+            argv += ["--" + key.replace("_", "-"), str(getattr(args, key))]
     note = m.start_daemon(argv, warehouse)
     if not args.quiet:
         print(f"kvfs: mounted {warehouse} on {mountpoint}" + (f" ({note})" if note else ""))
     return EXIT_OK
+
+
+def _check_shared_options(kvfs_opts: dict, fuse_opts: set) -> None:
+    """The shared tier's options, checked before a daemon is started."""
+    url = kvfs_opts.get("shared")
+    given = [k for k in ("shared_endpoint", "shared_timeout", "shared_queue") if kvfs_opts.get(k)]
+    if not url:
+        if given:
+            raise QuietError(f"{given[0]} needs a shared tier (--shared s3://BUCKET/PREFIX)", EXIT_USAGE)
+        return
+    if "ro" in fuse_opts:
+        raise QuietError("a shared tier needs a read-write mount (not -o ro)", EXIT_USAGE)
+    if not url.startswith("s3://") or len(url[5:].partition("/")[0]) < 3:
+        raise QuietError(f"--shared takes s3://BUCKET[/PREFIX], not {url!r}", EXIT_USAGE)
+    try:
+        if float(kvfs_opts.get("shared_timeout") or 1) <= 0:
+            raise ValueError
+    except ValueError:
+        raise QuietError(f"shared_timeout must be a positive number of seconds, not {kvfs_opts['shared_timeout']!r}", EXIT_USAGE) from None
+    q = kvfs_opts.get("shared_queue")
+    if q is not None and not (q.isdigit() and int(q) > 0):
+        raise QuietError(f"shared_queue must be a positive number of files, not {q!r}", EXIT_USAGE)
 
 
 def cmd_umount(args) -> int:
@@ -187,6 +216,20 @@ def cmd_stat(args) -> int:
               "by new writes: see the log; kvfs fsck --verify-data --repair finds the rest")
     if c.get("device_errors"):
         print(f"ERRORS     {c['device_errors']} device reads, writes or syncs failed: see the log")
+    sh = st.get("shared")
+    if sh:
+        where = sh["url"] or "none now (counters of earlier mounts)"
+        state = f", {sh['state']}" + (f": {sh['last_error']}" if sh.get("last_error") else "") if sh["url"] else ""
+        print(f"shared     {where}{state}; queue {sh['queue']:,} files"
+              + (f" (at most {sh['queue_limit']:,} unpinned)" if sh.get("queue_limit") else "")
+              + f", {sh.get('dropped_files', 0):,} dropped")
+        print(f"           uploaded {sh.get('uploaded_files', 0):,} files, {sh.get('uploaded_blocks', 0):,} blocks "
+              f"({human(sh.get('uploaded_bytes', 0))}; {sh.get('present_blocks', 0):,} were there already); "
+              f"fetched {sh.get('fetched_files', 0):,} files, {sh.get('fetched_blocks', 0):,} blocks "
+              f"({human(sh.get('fetched_bytes', 0))})")
+        print(f"           lookups {sh.get('lookup_hits', 0):,} found, {sh.get('lookup_misses', 0):,} not; "
+              f"{sh.get('failures', 0):,} failures, {sh.get('corrupt_blocks', 0):,} corrupt blocks refused, "
+              f"{sh.get('superseded_files', 0):,} local versions superseded, {sh['remote_files']:,} files not fetched yet")
     for d in st["devices"]:
         print(f"device {d['index']}   {d['path']}: {human(d['size'] - d['free'])} of {human(d['size'])} used; "
               f"since mount {d['reads']:,} reads ({human(d['read_bytes'])}), "
@@ -330,10 +373,11 @@ def cmd_retire(args) -> int:
         mountpoint, rel = locate(path)
         if not rel:
             raise QuietError(f"{path} is the mount's root; retire the directories in it", EXIT_USAGE)
-        r = Remote(mountpoint).call("retire", path=rel)
+        r = Remote(mountpoint).call("retire", path=rel, **({"shared": True} if args.shared else {}))
         results.append({"path": path, **r})
         if not args.json:
-            print(f"retired {path}: {r['files']} files, {human(r['bytes'])} in {r['seconds']:.1f} s")
+            shared = f"; {r['shared_manifests']} manifests deleted from the shared tier" if args.shared else ""
+            print(f"retired {path}: {r['files']} files, {human(r['bytes'])} in {r['seconds']:.1f} s{shared}")
     if args.json:
         print(json.dumps(results, indent=2))
     return EXIT_OK
@@ -437,6 +481,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve Prometheus metrics on http://ADDR:PORT/metrics (also -o metrics_port=PORT)")
     s.add_argument("--metrics-addr", metavar="ADDR",
                    help="address for --metrics-port (default 127.0.0.1; also -o metrics_addr=ADDR)")
+    s.add_argument("--shared", metavar="s3://BUCKET[/PREFIX]",
+                   help="share files with every node mounted on this bucket and prefix: upload what is "
+                        "published here, read through what is not here (also -o shared=URL); credentials "
+                        "and region from the usual AWS variables and files")
+    s.add_argument("--shared-endpoint", metavar="URL",
+                   help="the S3 endpoint (MinIO, Ceph RGW, SeaweedFS, ...; default: AWS, or "
+                        "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL; also -o shared_endpoint=URL)")
+    s.add_argument("--shared-timeout", type=float, metavar="SECONDS",
+                   help="the longest one request to the store, or a lookup waiting for it, may take "
+                        "(default 2; also -o shared_timeout=SECONDS)")
+    s.add_argument("--shared-queue", type=int, metavar="FILES",
+                   help="files waiting for upload beyond which unpinned ones are dropped (default "
+                        "10000; pinned files are never dropped; also -o shared_queue=FILES)")
     s.add_argument("--quiet", "-q", action="store_true", help=argparse.SUPPRESS)
     s.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_mount)
@@ -546,6 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example:\n  kvfs retire /mnt/kvfs/vllm/llama-3-8b_0123456789ab",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("paths", nargs="+", metavar="PATH", help="files or directories on a kvfs mount")
+    s.add_argument("--shared", action="store_true",
+                   help="also delete their manifests from the mount's shared tier (every node then "
+                        "stops finding them there; blocks are left to the store's lifecycle rules)")
     s.add_argument("--json", action="store_true", help="print what was retired as JSON")
     s.set_defaults(func=cmd_retire)
 

@@ -17,6 +17,9 @@ unmounted warehouse, in the tool's own process):
 
     {"op": "stats"}                                  -> Warehouse.stats()
     {"op": "retire", "path": "models/llama-7b"}      -> {"files", "bytes", "seconds"}
+    {"op": "retire", "path": ..., "shared": true}    -> also deletes the path's manifests from
+                                                        the shared tier: + {"shared_manifests"}
+                                                        (the path need not exist locally)
     {"op": "gc", "delete": false, "grace": 300}      -> kvfs.fsck.gc() report
     {"op": "tune", "high_watermark": 0.9, "low_watermark": 0.8}
                                                      -> {"high_watermark", "low_watermark"}
@@ -37,7 +40,7 @@ import os
 import time
 
 from .errors import (
-    Invalid, KvfsError, QuietError,
+    Invalid, KvfsError, NotFound, QuietError,
     EXIT_IN_USE, EXIT_INTERNAL, EXIT_NO_WAREHOUSE, EXIT_NOT_MOUNTED, EXIT_PERMISSION, EXIT_USAGE,
 )
 
@@ -60,17 +63,28 @@ def run(wh, op: str, args: dict) -> dict:
         path = args.get("path")
         if not isinstance(path, str) or not path:
             raise Invalid("retire needs a path")
+        shared = bool(args.get("shared"))
+        if shared and wh.shared is None:
+            raise Invalid("this mount has no shared tier (mount it with --shared)")
         t0 = time.monotonic()
         before = wh.stats_totals()
-        done = wh.retire(path)
-        while done["ino"] in wh.retiring():
+        try:
+            done = wh.retire(path)
+        except NotFound:
+            if not shared:
+                raise
+            done = None  # only in the shared tier
+        while done is not None and done["ino"] in wh.retiring():
             wh.reap()
         after = wh.stats_totals()
-        return {
+        reply = {
             "files": after.get("retired_files", 0) - before.get("retired_files", 0),
             "bytes": after.get("retired_bytes", 0) - before.get("retired_bytes", 0),
-            "seconds": round(time.monotonic() - t0, 3),
         }
+        if shared:  # after the local copies are gone: nothing here uploads them again
+            reply["shared_manifests"] = wh.shared.retire(path)
+        reply["seconds"] = round(time.monotonic() - t0, 3)
+        return reply
     if op == "gc":
         from .fsck import DEFAULT_GC_GRACE, gc
 

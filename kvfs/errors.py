@@ -73,6 +73,16 @@ class Corrupt(KvfsError):
     errno = errno.EIO
 
 
+class Damaged(Corrupt):
+    """A block's stored copy failed verification (or is quarantined): EIO, with where it is
+    (loc: hash, device, offset, stored length, raw length, codec) and why."""
+
+    def __init__(self, msg: str, loc: tuple, reason: str):
+        super().__init__(msg)
+        self.loc = loc
+        self.reason = reason
+
+
 # Exit codes shared by every kvfs command (each man page lists the ones it uses).
 EXIT_OK = 0
 EXIT_INTERNAL = 1  # a bug: the traceback went to the log / stderr

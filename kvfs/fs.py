@@ -168,10 +168,19 @@ class Operations(pyfuse3.Operations):
             except KvfsError as exc:
                 if exc.errno != errno.ENOENT:
                     raise
+        timeout = ENTRY_TIMEOUT
+        shared = self.wh.shared
+        if shared is not None and not _reserved(parent_inode, name):
+            # Read-through: the store is asked, in a thread, and for a bounded time. A miss
+            # holds briefly (another node may publish the name), or not at all if the
+            # store could not be asked.
+            inode, timeout = await trio.to_thread.run_sync(shared.lookup, parent_inode, name)
+            if inode is not None:
+                return self._entry(inode)
         # Cache the miss in the kernel: clients probe for names that mostly don't exist.
         e = pyfuse3.EntryAttributes()
         e.st_ino = 0
-        e.entry_timeout = ENTRY_TIMEOUT
+        e.entry_timeout = timeout
         return e
 
     def _invalidate_discarded(self):
@@ -203,6 +212,8 @@ class Operations(pyfuse3.Operations):
         kw = {}
         if fields.update_size:
             kw["size"] = attr.st_size
+            if attr.st_size and self.wh.remote_pending(inode):  # its data first, in a thread
+                await trio.to_thread.run_sync(self.wh.fill_remote, inode)
         if fields.update_mode:
             kw["mode"] = attr.st_mode
         if fields.update_uid:
@@ -409,7 +420,20 @@ class Operations(pyfuse3.Operations):
             return await self._open_control(inode, flags, ctx)
         acc = flags & os.O_ACCMODE
         write = acc in (os.O_WRONLY, os.O_RDWR)
-        fh = self.wh.open(inode, write=write, append=bool(flags & os.O_APPEND))
+        try:
+            if self.wh.remote_pending(inode):  # data still in the shared tier
+                if write and flags & os.O_TRUNC:
+                    self.wh.drop_remote(inode)  # about to be emptied: nothing to fetch
+                else:
+                    await trio.to_thread.run_sync(self.wh.fill_remote, inode)
+            fh = self.wh.open(inode, write=write, append=bool(flags & os.O_APPEND))
+        except KvfsError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            # The kernel still holds a name for an inode that is gone (evicted, or replaced
+            # by a newer version from the shared tier) and not yet forgotten: ESTALE makes
+            # it look the name up again and retry the open once (Linux's do_filp_open).
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
         if write and flags & os.O_TRUNC:
             try:
                 self.wh.setattr(inode, size=0)

@@ -69,6 +69,8 @@ class Fsck:
             self.repaired += 1
 
     def run(self, verify_data: bool = False) -> None:
+        self.step = "checking remote files"
+        self.check_remote()  # first: a file it removes leaves entries for check_entries
         self.step = "checking directory entries"
         self.check_entries()
         self.step = "checking inodes and link counts"
@@ -175,6 +177,40 @@ class Fsck:
                     self.problem(f"{name} record for missing inode {M.parse_u64(key)}", fix)
                     if fix:
                         txn.delete(key, db=db[name])
+
+    def check_remote(self) -> None:
+        """A remote record (kvfs.shared_files) describes a regular file: its block size is
+        valid and its hashes cover the file's size; the file's block map is empty (a record
+        left beside a full block map is a first open interrupted after its commit)."""
+        txn, db = self.txn, self.db
+        if db.get("remote") is None:
+            return
+        for key, val in self.each("remote"):
+            ino = M.parse_u64(key)
+            inode = self.meta.get_inode(txn, ino)
+            self.stats["remote_files"] += 1
+            if inode is None:
+                fix = self.repair
+                self.problem(f"remote record for missing inode {ino}", fix)
+                if fix:
+                    txn.delete(key, db=db["remote"])
+                continue
+            if next(self.meta.iter_prefix(txn, "bmap", key), None) is not None:
+                fix = self.repair
+                self.problem(f"remote record of inode {ino} outlived the fetch of its data", fix)
+                if fix:
+                    txn.delete(key, db=db["remote"])
+                continue
+            bs, hashes = M.parse_remote_val(val)
+            if (not stat.S_ISREG(inode.mode) or bs < 4096 or bs & (bs - 1)
+                    or len(hashes) != (inode.size + bs - 1) // bs):
+                fix = self.repair
+                # Its data cannot be known: the file goes (the next lookup reads it through
+                # again); check_entries then drops its names.
+                self.problem(f"remote record of inode {ino} does not describe it (the file is dropped "
+                             "by a repair)", fix)
+                if fix:
+                    self.meta.delete_inode_records(txn, ino)
 
     def check_indexes(self) -> None:
         """lru and expiry hold exactly the keys derived from the inodes (meta.evict_keys)."""

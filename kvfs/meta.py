@@ -51,6 +51,14 @@ Integers in keys are big-endian so that LMDB's byte order is numeric order.
                                                         against; a new write of the same content
                                                         replaces it (heals), and the record goes
                                                         when the block does
+    remote        ino u64                               block size u32 + one 16-byte block hash per
+                                                        block (16 zero bytes: a hole): a regular
+                                                        file read through from the shared tier
+                                                        whose data is still only there (its bmap is
+                                                        empty until its first open fetches it; see
+                                                        kvfs.shared_files)
+    shared_queue  sequence u64 (upload order)           ino u64 + published_ns u64: a file published
+                                                        here, to upload to the shared tier
 
 Invariants: lru and expiry hold exactly evict_keys() of every inode, totals the sums
 of inode_totals() and block_totals(), and quotas' usage the sizes below each quota
@@ -59,7 +67,13 @@ delete_inode_records keep them so; nothing else writes them); links holds exactl
 dentries, reversed. A block's refcount is the number of bmap values naming it (0 only while an open
 file that is being written holds it in memory, never after recovery); no two blocks' extents
 overlap, no block overlaps a free extent, and block extents + free extents cover each
-device's data area exactly.
+device's data area exactly. An inode with a remote record has no bmap records (or, after
+a crash in the middle of its first open, exactly the ones the record names).
+
+Revisions: mkfs writes FORMAT_REVISION. A warehouse that has held remote files is marked
+FORMAT_REMOTE (an older kvfs, which knows nothing of remote records, would read their
+empty block maps as zeros: it must refuse the warehouse). FORMAT_READABLE lists what this
+code opens; sub-databases it lacks are created at the first read-write open.
 """
 
 import json
@@ -71,6 +85,8 @@ from dataclasses import dataclass
 import lmdb
 
 FORMAT_REVISION = 2
+FORMAT_REMOTE = 3
+FORMAT_READABLE = (FORMAT_REVISION, FORMAT_REMOTE)
 DB_NAMES = (
     b"super",
     b"counters",
@@ -93,11 +109,14 @@ DB_NAMES = (
     b"orphans",
     b"incomplete",
     b"quarantine",
+    b"remote",
+    b"shared_queue",
 )
 ROOT_INO = 1
 MAP_SIZE = 1 << 40  # address space only; the file grows with use
 
 _U64 = struct.Struct(">Q")
+_U32 = struct.Struct(">I")
 _U64x2 = struct.Struct(">QQ")
 _DEV_OFF = struct.Struct(">HQ")
 _INODE = struct.Struct(">IIIIQqqqIII")
@@ -187,6 +206,27 @@ def free_key(dev: int, offset: int) -> bytes:
 
 def parse_free_key(b: bytes) -> tuple[int, int]:
     return _DEV_OFF.unpack(b)
+
+
+HOLE = bytes(16)  # in a remote record: a block of zeros (no hash is 16 zero bytes in practice)
+
+
+def remote_val(block_size: int, hashes: list[bytes | None]) -> bytes:
+    return _U32.pack(block_size) + b"".join(HOLE if h is None else h for h in hashes)
+
+
+def parse_remote_val(b: bytes) -> tuple[int, list[bytes | None]]:
+    body = b[4:]
+    hashes = [body[i:i + 16] for i in range(0, len(body), 16)]
+    return _U32.unpack(b[:4])[0], [None if h == HOLE else h for h in hashes]
+
+
+def queue_val(ino: int, published_ns: int) -> bytes:
+    return _U64x2.pack(ino, published_ns)
+
+
+def parse_queue_val(b: bytes) -> tuple[int, int]:
+    return _U64x2.unpack(b)
 
 
 @dataclass
@@ -323,7 +363,8 @@ RECORD_SHAPES = {
     "lru": (16, 0), "expiry": (16, 0), "retiring": (8, (9,)), "lineage": (8, (_LINEAGE.size,)),
     "quotas": (8, _QUOTA.size), "symlinks": (8, None), "xattrs": ((9,), None), "bmap": (16, 16),
     "blocks": (16, _BLOCK.size), "free": (_DEV_OFF.size, 8), "orphans": (8, 0),
-    "incomplete": (8, (9,)), "quarantine": (16, (_QUARANTINE.size,)),
+    "incomplete": (8, (9,)), "quarantine": (16, (_QUARANTINE.size,)), "remote": (8, (4,)),
+    "shared_queue": (8, 16),
 }
 
 
@@ -686,7 +727,7 @@ class Meta:
         for dbname in ("xattrs", "links"):
             for key, _ in list(self.iter_prefix(txn, dbname, prefix)):
                 txn.delete(key, db=self.db[dbname])
-        for name in ("symlinks", "orphans", "incomplete", "retiring", "lineage", "quotas", "inodes"):
+        for name in ("symlinks", "orphans", "incomplete", "retiring", "lineage", "quotas", "remote", "inodes"):
             txn.delete(prefix, db=self.db[name])
         return hashes
 

@@ -26,6 +26,22 @@ COUNTERS = {
     "device_errors": ("kvfs_device_errors", "Device reads, writes and syncs that failed (EIO, ENOSPC, ...)."),
     "quota_refusals": ("kvfs_quota_refusals", "Writes refused with EDQUOT."),
 }
+# Only for a warehouse with a shared tier (Warehouse.stats()["shared"]).
+SHARED_COUNTERS = {
+    "shared_uploaded_files": ("kvfs_shared_uploaded_files", "Files whose manifest this node put in the shared tier."),
+    "shared_uploaded_blocks": ("kvfs_shared_uploaded_blocks", "Blocks put in the shared tier."),
+    "shared_uploaded_bytes": ("kvfs_shared_uploaded_bytes", "Bytes of the blocks put in the shared tier."),
+    "shared_present_blocks": ("kvfs_shared_present_blocks", "Blocks not put: the shared tier had them."),
+    "shared_lookup_hits": ("kvfs_shared_lookup_hits", "Local misses that the shared tier had."),
+    "shared_lookup_misses": ("kvfs_shared_lookup_misses", "Local misses that the shared tier did not have."),
+    "shared_fetched_files": ("kvfs_shared_fetched_files", "Files whose data was fetched from the shared tier."),
+    "shared_fetched_blocks": ("kvfs_shared_fetched_blocks", "Blocks fetched from the shared tier and verified."),
+    "shared_fetched_bytes": ("kvfs_shared_fetched_bytes", "Bytes of the blocks fetched."),
+    "shared_failures": ("kvfs_shared_failures", "Requests to the shared tier that failed or timed out."),
+    "shared_corrupt_blocks": ("kvfs_shared_corrupt_blocks", "Blocks from the shared tier refused: not matching their hash."),
+    "shared_dropped_files": ("kvfs_shared_dropped_files", "Unpinned files dropped from a full upload queue."),
+    "shared_superseded_files": ("kvfs_shared_superseded_files", "Local versions replaced by a newer one from the shared tier."),
+}
 
 
 class WarehouseCollector:
@@ -56,10 +72,14 @@ class WarehouseCollector:
             ("kvfs_quarantined_blocks", "Damaged blocks still held by some file (never served).",
              st["quarantined_blocks"]),
         )
+        if st.get("shared"):
+            gauges += (("kvfs_shared_queue_files", "Files waiting for upload to the shared tier.", st["shared"]["queue"]),
+                       ("kvfs_shared_remote_files", "Files read through whose data is not fetched yet.",
+                        st["shared"]["remote_files"]))
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=value)
         counters = st["counters"]
-        for key, (name, doc) in COUNTERS.items():
+        for key, (name, doc) in (COUNTERS | SHARED_COUNTERS if st.get("shared") else COUNTERS).items():
             yield CounterMetricFamily(name, doc, value=counters.get(key, 0))
         labels = ["device", "path"]
         fams = {

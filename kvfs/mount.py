@@ -24,7 +24,8 @@ CHECKPOINT_INTERVAL = 5.0  # seconds; bounds what a power cut can take (like ext
 HOUSEKEEPING_INTERVAL = 1.0  # seconds between looks for expired files and retired trees
 READ_AHEAD_KB = 4096
 # Mount options that belong to kvfs rather than to FUSE / the kernel.
-KVFS_OPTIONS = {"compress", "durability", "metrics_port", "metrics_addr"}
+KVFS_OPTIONS = {"compress", "durability", "metrics_port", "metrics_addr",
+                "shared", "shared_endpoint", "shared_timeout", "shared_queue"}
 
 
 def setup_logging(warehouse: str, debug: bool, to_stderr: bool) -> None:
@@ -101,6 +102,14 @@ def serve(warehouse: str, mountpoint: str, fuse_opts: set[str], kvfs_opts: dict[
     except QuietError as exc:
         tell(f"error {exc.exitcode} {exc}")
         raise
+    tier = None
+    if kvfs_opts.get("shared"):
+        try:
+            tier = start_shared(wh, kvfs_opts)
+        except QuietError as exc:
+            wh.close()
+            tell(f"error {exc.exitcode} {exc}")
+            raise
     from . import metrics
 
     registry = metrics.registry_for(wh)
@@ -111,6 +120,8 @@ def serve(warehouse: str, mountpoint: str, fuse_opts: set[str], kvfs_opts: dict[
         try:
             metrics_server = metrics.serve(registry, int(kvfs_opts["metrics_port"]), addr)
         except OSError as exc:
+            if tier is not None:
+                tier.stop()
             wh.close()
             msg = f"cannot serve metrics on {addr}:{kvfs_opts['metrics_port']}: {exc.strerror}"
             tell(f"error {EXIT_MOUNT_FAILED} {msg}")
@@ -121,6 +132,8 @@ def serve(warehouse: str, mountpoint: str, fuse_opts: set[str], kvfs_opts: dict[
     try:
         pyfuse3.init(ops, mountpoint, options)
     except RuntimeError as exc:
+        if tier is not None:
+            tier.stop()
         wh.close()
         msg = f"cannot mount on {mountpoint}: {exc}"
         tell(f"error {EXIT_MOUNT_FAILED} {msg}")
@@ -199,6 +212,8 @@ def serve(warehouse: str, mountpoint: str, fuse_opts: set[str], kvfs_opts: dict[
         raise_read_ahead(mountpoint)
 
     async def main():
+        if tier is not None:
+            tier.start()  # the uploader thread; lookups reach the tier through kvfs.fs
         async with trio.open_nursery() as nursery:
             nursery.start_soon(checkpoints)
             if not wh.readonly:
@@ -226,9 +241,31 @@ def serve(warehouse: str, mountpoint: str, fuse_opts: set[str], kvfs_opts: dict[
             pyfuse3.close(unmount=True)
         except Exception:
             log.exception("pyfuse3.close failed")
+        if tier is not None:
+            tier.stop()  # what is still queued is uploaded after the next mount
         wh.close()
         log.info("warehouse %s closed cleanly%s", wh.path, "" if unmounted else " after an error")
     return 0
+
+
+def start_shared(wh, kvfs_opts: dict[str, str]):
+    """The shared tier of `wh` from the shared* options (kvfs.shared), not yet started."""
+    from .errors import EXIT_USAGE
+
+    if wh.readonly:
+        raise QuietError("a shared tier needs a read-write mount", EXIT_USAGE)
+    try:
+        from .shared import SharedTier
+    except ImportError as exc:
+        raise QuietError(f"the shared tier needs boto3 ({exc})", EXIT_MOUNT_FAILED) from None
+    try:
+        timeout = float(kvfs_opts.get("shared_timeout") or 0) or None
+        queue = int(kvfs_opts.get("shared_queue") or 0) or None
+        kw = {"timeout": timeout} if timeout else {}
+        return SharedTier(wh, kvfs_opts["shared"], endpoint=kvfs_opts.get("shared_endpoint") or None,
+                          queue_limit=queue, **kw)
+    except ValueError as exc:
+        raise QuietError(str(exc), EXIT_USAGE) from None
 
 
 def start_daemon(argv: list[str], warehouse: str, timeout: float = 60.0) -> str:

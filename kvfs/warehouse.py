@@ -22,6 +22,9 @@ kvfs.meta). Files under a directory with a ttl expire that long after their last
 
 Read path: every block read from a device is verified against its hash before a byte of it
 is returned; a mismatch raises Corrupt (EIO) and is remembered.
+
+Shared tier: kvfs.shared_files (mixed in) holds the files whose data is still in the
+shared object store and the queue of files published here to upload there.
 """
 
 import collections
@@ -42,6 +45,7 @@ from . import codec as codecs
 from . import meta as M
 from .errors import (
     Corrupt,
+    Damaged,
     Exists,
     FileTooBig,
     Invalid,
@@ -62,6 +66,7 @@ from .errors import (
     EXIT_NO_WAREHOUSE,
     EXIT_USAGE,
 )
+from .shared_files import SharedFiles
 from .store import DATA_START, Device, DeviceSet, Faults, prepare_device, round_up
 from .units import parse_size
 
@@ -112,16 +117,6 @@ def check_name(name: bytes) -> None:
         raise Invalid(f"invalid name {name!r}")
 
 
-class Damaged(Corrupt):
-    """A block's stored copy failed verification (or is quarantined): EIO, with where it is
-    (loc: hash, device, offset, stored length, raw length, codec) and why."""
-
-    def __init__(self, msg: str, loc: tuple, reason: str):
-        super().__init__(msg)
-        self.loc = loc
-        self.reason = reason
-
-
 @dataclass(frozen=True)
 class Pending:
     """A block an open file refers to that is not committed yet."""
@@ -163,7 +158,7 @@ class Handle:
     ahead: int = -1  # the highest block index prefetched for it
 
 
-class Warehouse:
+class Warehouse(SharedFiles):
     """An open warehouse. All public methods are thread-safe and raise KvfsError."""
 
     # -- creation --------------------------------------------------------------------
@@ -325,11 +320,11 @@ class Warehouse:
         if sb is None:
             self.meta.close()
             raise QuietError(f"{self.path}: no superblock; not a kvfs warehouse or damaged (run kvfs fsck)", EXIT_NEEDS_FSCK)
-        if sb.get("format") != M.FORMAT_REVISION:
+        if sb.get("format") not in M.FORMAT_READABLE:
             self.meta.close()
             raise QuietError(
                 f"{self.path}: format revision {sb.get('format')} is not supported "
-                f"(this kvfs reads revision {M.FORMAT_REVISION})", EXIT_NO_WAREHOUSE)
+                f"(this kvfs reads revisions {', '.join(map(str, M.FORMAT_READABLE))})", EXIT_NO_WAREHOUSE)
         self.sb = sb
         self.block_size = sb["block_size"]
         devs = []
@@ -848,6 +843,10 @@ class Warehouse:
                 if npdir is not opdir:
                     self._touch_dir(txn, npdir, t)
             self._apply(effects)
+            if self.shared is not None:  # a file under its new name is published there
+                self.share_later(src[0])
+                if flags & RENAME_EXCHANGE:
+                    self.share_later(dst[0])
 
     def _move_incomplete(self, txn, ino: int, parent: int, name: bytes) -> None:
         db = self.meta.db["incomplete"]
@@ -874,6 +873,8 @@ class Warehouse:
                 gid: int | None = None, size: int | None = None,
                 atime_ns: int | None = None, mtime_ns: int | None = None) -> M.Inode:
         self._check_writable()
+        if size is not None:
+            self.prepare_resize(ino, size)  # a remote file's data: dropped (size 0) or fetched
         with self._lock:
             t = now_ns()
             if size is not None:
@@ -957,6 +958,8 @@ class Warehouse:
             txn.put(M.xattr_key(ino, name), value, db=self.meta.db["xattrs"])
             inode.ctime_ns = now_ns()
             self.meta.put_inode(txn, inode)
+        if self.shared is not None and name.startswith(b"user."):
+            self.share_later(ino)  # annotations are part of what is shared
 
     def listxattr(self, ino: int) -> list[bytes]:
         with self.meta.begin() as txn:
@@ -1446,6 +1449,7 @@ class Warehouse:
             hit_rate=round(hits / (hits + misses), 4) if hits + misses else None,
             open_files=len(self._open),
             counters=counters,
+            shared=self.shared_stats(),
         )
         return st
 
@@ -1468,6 +1472,7 @@ class Warehouse:
     def open(self, ino: int, write: bool = False, append: bool = False) -> int:
         if write:
             self._check_writable()
+        self.fill_remote(ino)  # data still in the shared tier is fetched first, not under the lock
         with self._lock, self.meta.begin() as txn:
             inode = self._get_inode(txn, ino)
             if stat.S_ISDIR(inode.mode):
@@ -1926,6 +1931,8 @@ class Warehouse:
         self._settle_quota(of, of.size)
         self._apply(effects)
         self.counters["commits"] += 1
+        if self.shared is not None:
+            self.share_later(of.ino)  # published here: queued for the shared tier
 
     def _reference(self, txn, p: Pending, effects: list) -> None:
         """Count one more reference to pending block `p`, creating its record if needed."""
