@@ -212,8 +212,10 @@ class Operations(pyfuse3.Operations):
         kw = {}
         if fields.update_size:
             kw["size"] = attr.st_size
-            if attr.st_size and self.wh.remote_pending(inode):  # its data first, in a thread
-                await trio.to_thread.run_sync(self.wh.fill_remote, inode)
+            if self.wh.remote_pending(inode):  # its data first (or dropped), in a thread:
+                # either may wait for another thread's fetch of the same file
+                await trio.to_thread.run_sync(
+                    self.wh.fill_remote if attr.st_size else self.wh.drop_remote, inode)
         if fields.update_mode:
             kw["mode"] = attr.st_mode
         if fields.update_uid:
@@ -422,10 +424,10 @@ class Operations(pyfuse3.Operations):
         write = acc in (os.O_WRONLY, os.O_RDWR)
         try:
             if self.wh.remote_pending(inode):  # data still in the shared tier
-                if write and flags & os.O_TRUNC:
-                    self.wh.drop_remote(inode)  # about to be emptied: nothing to fetch
-                else:
-                    await trio.to_thread.run_sync(self.wh.fill_remote, inode)
+                # About to be emptied: nothing to fetch. Either waits for another thread's
+                # fetch of the same file: in a thread, never on the event loop.
+                drop = write and flags & os.O_TRUNC
+                await trio.to_thread.run_sync(self.wh.drop_remote if drop else self.wh.fill_remote, inode)
             fh = self.wh.open(inode, write=write, append=bool(flags & os.O_APPEND))
         except KvfsError as exc:
             if exc.errno != errno.ENOENT:

@@ -31,6 +31,9 @@ KVFS_OPTIONS = {"compress", "durability", "metrics_port", "metrics_addr",
 def setup_logging(warehouse: str, debug: bool, to_stderr: bool) -> None:
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if debug else logging.INFO)
+    # Their debug output holds request headers (credentials) and bodies: never in the log.
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     fmt = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
     os.umask(0o077)  # the log (and its rotations) may name files: owner only
     path = os.path.join(warehouse, LOG_FILE)
@@ -266,6 +269,8 @@ def start_shared(wh, kvfs_opts: dict[str, str]):
                           queue_limit=queue, **kw)
     except ValueError as exc:
         raise QuietError(str(exc), EXIT_USAGE) from None
+    except Exception as exc:  # botocore's configuration errors (a profile that does not exist, ...)
+        raise QuietError(f"the shared tier cannot be set up: {exc}", EXIT_USAGE) from None
 
 
 def start_daemon(argv: list[str], warehouse: str, timeout: float = 60.0) -> str:

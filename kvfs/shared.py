@@ -75,6 +75,7 @@ DIR_TTL = 60.0  # seconds a directory manifest this node put is not put again
 KNOWN_BLOCKS = 100_000  # hashes remembered as present in the store (not put again)
 KNOWN_TTL = 600.0  # seconds they are remembered (lifecycle rules may expire blocks)
 FETCH_WINDOW = 8  # blocks of one file being fetched at once
+LOOKUP_THREADS = 40  # trio.to_thread's default limit: every lookup the event loop runs at once
 UPLOAD_THREADS = 4
 MAX_MANIFEST = 64 << 20  # bytes: a larger object at a manifest key is not one
 MANIFEST_FORMAT = 1
@@ -183,7 +184,10 @@ class Manifest:
             if not cond:
                 raise ValueError(f"manifest: {what}")
 
-        doc = json.loads(raw)
+        try:
+            doc = json.loads(raw)
+        except RecursionError:  # nested too deep to be a manifest
+            raise ValueError("manifest: nested too deep") from None
         want(isinstance(doc, dict) and doc.get("kvfs_manifest") == MANIFEST_FORMAT, "not a kvfs manifest of format 1")
         kind = doc.get("type")
         want(kind in ("file", "dir"), "type is neither file nor dir")
@@ -421,7 +425,9 @@ class SharedTier:
         self.timeout = timeout
         self.miss_ttl = MISS_TTL
         self.node = wh.sb["uuid"]
-        self._lookups = concurrent.futures.ThreadPoolExecutor(4, "kvfs-shared-lookup")
+        # As many as the event loop may run lookups at once (trio's worker thread limit):
+        # a lookup that waits for a free thread is not a store that does not answer.
+        self._lookups = concurrent.futures.ThreadPoolExecutor(LOOKUP_THREADS, "kvfs-shared-lookup")
         self._fetches = concurrent.futures.ThreadPoolExecutor(FETCH_WINDOW, "kvfs-shared-fetch")
         self._uploads = concurrent.futures.ThreadPoolExecutor(UPLOAD_THREADS, "kvfs-shared-upload")
         self._misses: dict[bytes, float] = {}  # path -> when the miss is forgotten
@@ -493,14 +499,18 @@ class SharedTier:
         if key is None:
             return None, self.miss_ttl
         now = time.monotonic()
-        if self._misses.get(path, 0) > now:
-            return None, self._misses[path] - now
+        until = self._misses.get(path, 0)  # (read once: another thread may clear the cache)
+        if until > now:
+            return None, until - now
         if self.store.down():
             return None, 0
         future = self._lookups.submit(self.store.get, key, MAX_MANIFEST)
         try:
             got = future.result(timeout=self.timeout)
         except concurrent.futures.TimeoutError:
+            if future.cancel():  # never started: every lookup thread was busy; not the store's fault
+                self.count("lookups_busy")
+                return None, 0
             self.store.trip(f"no answer in {self.timeout:g} s")
             self.count("failures")
             return None, 0
@@ -580,10 +590,16 @@ class SharedTier:
                 self._stop.wait(pause)
                 pause = 0.0
                 continue
-            if self._rechecks and self._rechecks[0][0] <= time.monotonic() and not self.store.down():
-                self._recheck(heapq.heappop(self._rechecks))
+            try:
+                if self._rechecks and self._rechecks[0][0] <= time.monotonic() and not self.store.down():
+                    self._recheck(heapq.heappop(self._rechecks))
+                    continue
+                item = self.wh.next_upload()
+            except Exception:  # the uploader must not die of one bad answer or record
+                self.count("failures")
+                log.exception("shared tier: the uploader hit an error; going on in %.0f s", MAX_BACKOFF)
+                pause = MAX_BACKOFF
                 continue
-            item = self.wh.next_upload()
             if item is None:
                 self._wake.wait(1.0)
                 self._wake.clear()

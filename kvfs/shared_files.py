@@ -152,7 +152,8 @@ class SharedFiles:
                     if old.mtime_ns != mtime_ns or (of is not None and (of.writers or of.changed or of.changes or of.dirty)):
                         return None
                 is_dir = m.kind == "dir"
-                mode = (stat.S_IFDIR if is_dir else stat.S_IFREG) | (m.mode & 0o7777)
+                # Not set-user/group-ID from a manifest: a store's writer is not to grant that.
+                mode = (stat.S_IFDIR if is_dir else stat.S_IFREG) | (m.mode & 0o1777)
                 inode = self._new_inode(txn, mode, m.uid, m.gid, pdir)
                 if old is not None:
                     inode.flags |= old.flags & M.F_PINNED  # a pinned file stays pinned
