@@ -479,8 +479,9 @@ class Warehouse:
         raw = txn.get(M.dentry_key(parent, name), db=self.meta.db["dentries"])
         return None if raw is None else M.parse_dentry_val(raw)
 
-    def _add_entry(self, txn, parent: int, name: bytes, ino: int) -> None:
-        entry_id = self.meta.next_counter(txn, b"next_entry", 1)
+    def _add_entry(self, txn, parent: int, name: bytes, ino: int, entry_id: int | None = None) -> None:
+        if entry_id is None:
+            entry_id = self.meta.next_counter(txn, b"next_entry", 1)
         db = self.meta.db
         if not txn.put(M.dentry_key(parent, name), M.dentry_val(ino, entry_id), db=db["dentries"], overwrite=False):
             raise Exists(f"{name!r} exists")
@@ -768,7 +769,9 @@ class Warehouse:
                             npdir.nlink -= 1
                         self._drop_link(txn, dst_inode, t, effects)
                     self._remove_entry(txn, old_parent, old_name)
-                    self._add_entry(txn, new_parent, new_name, src[0])
+                    # A replaced name keeps its readdir offset: it never stops existing, so
+                    # a listing taken meanwhile must show it once, not again at the end.
+                    self._add_entry(txn, new_parent, new_name, src[0], dst[1] if dst is not None else None)
                     if src_dir and old_parent != new_parent:
                         opdir.nlink -= 1
                         npdir.nlink += 1

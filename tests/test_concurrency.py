@@ -83,3 +83,47 @@ def test_four_processes_vllm_pattern(mnt, tmp_path):
             expect = r.randbytes(r.choice([4096, 65536, 1 << 20, (2 << 20) + 4096]))
             with open(os.path.join(dirpath, name), "rb") as f:
                 assert hashlib.sha256(f.read()).digest() == hashlib.sha256(expect).digest(), name
+
+
+REPUBLISHER = textwrap.dedent('''
+    import os, random, sys, time
+    root, wid, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    rng = random.Random(wid)
+    deadline = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < deadline:
+        name = f"n{rng.randrange(200):03d}"
+        tmp = os.path.join(root, f".tmp.{wid}.{n}")
+        with open(tmp, "wb") as f:
+            f.write(name.encode())
+        os.replace(tmp, os.path.join(root, name))
+        n += 1
+    print(n)
+''')
+
+
+def test_listing_during_rename_over_shows_each_name_once(mnt, tmp_path):
+    """A name that a rename replaces never stops existing, so a listing taken meanwhile
+    shows it exactly once (the entry keeps its place: its readdir offset)."""
+    root = mnt.p("d")
+    os.mkdir(root)
+    names = [f"n{i:03d}" for i in range(200)]
+    for name in names:
+        with open(os.path.join(root, name), "wb") as f:
+            f.write(name.encode())
+    script = tmp_path / "republisher.py"
+    script.write_text(REPUBLISHER)
+    procs = [subprocess.Popen([sys.executable, str(script), root, str(k), "4"], stdout=subprocess.PIPE, text=True)
+             for k in range(3)]
+    listings = 0
+    try:
+        while procs[0].poll() is None:
+            seen = [n for n in os.listdir(root) if not n.startswith(".tmp.")]
+            assert sorted(seen) == names, sorted(n for n in set(seen) if seen.count(n) > 1)
+            listings += 1
+    finally:
+        outs = [p.communicate(timeout=60)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert listings > 5 and sum(int(o) for o in outs) > 500, (listings, outs)
+    for name in names:
+        assert open(os.path.join(root, name), "rb").read() == name.encode()
