@@ -1843,9 +1843,12 @@ def _parse_flag(value: bytes) -> bool:
 
 def _parse_quota(value: bytes) -> int:
     try:
-        return parse_size(value.decode())
+        limit = parse_size(value.decode())
     except (UnicodeDecodeError, ValueError):
-        raise Invalid(f"{QUOTA_XATTR.decode()} takes a size in bytes (e.g. 500G), not {value[:40]!r}") from None
+        limit = -1
+    if not 0 <= limit < 1 << 64:  # kept as an unsigned 64-bit number (kvfs.meta)
+        raise Invalid(f"{QUOTA_XATTR.decode()} takes a size in bytes (e.g. 500G), not {value[:40]!r}")
+    return limit
 
 
 def _parse_ttl(value: bytes) -> int:

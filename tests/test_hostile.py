@@ -17,6 +17,7 @@ import stat
 import pytest
 
 from conftest import pid_alive, run_kvfs
+from kvfs.errors import EXIT_USAGE
 
 MiB = 1 << 20
 
@@ -329,6 +330,48 @@ def test_xattrs_at_their_limits(hostile):
     refs.check("xattrs")
     m.remount()
     assert os.getxattr(f, name255) == b"at the limit" and os.getxattr(g, "user.v7") == big
+    refs.finish()
+
+
+def test_policy_xattrs_refuse_garbage(hostile):
+    """user.kvfs.pin, .ttl, .quota and .compress take exact values: anything else is
+    EINVAL (never EIO) and leaves the policy as it was."""
+    m, refs = hostile
+    f, q = m.p("f"), m.p("q")
+    with open(f, "wb") as fh:
+        fh.write(b"f")
+    os.mkdir(q)
+    os.setxattr(f, "user.kvfs.pin", b"1")
+    os.setxattr(f, "user.kvfs.ttl", b"60")
+    os.setxattr(q, "user.kvfs.quota", b"4M")
+    os.setxattr(q, "user.kvfs.compress", b"zstd")
+    garbage = {
+        (f, "user.kvfs.pin"): [b"banana", b"2", b"-1", b"\xff", b"1\0", b"yes please"],
+        (f, "user.kvfs.ttl"): [b"-5", b"1e3", b"4294967296", b"nan", b"0x10", b"\0", b"5s", b"9" * 5000],
+        (q, "user.kvfs.quota"): [b"1e999", b"-5", b"nan", b"inf", b"-1G", b"\xff\xfe", b"1.5.5G", b"16E",
+                                 b"9" * 30, b"9" * 400, b"18446744073709551616", b"99999999P"],
+        (q, "user.kvfs.compress"): [b"lz77", b"\xff", b"zstd\0"],
+    }
+    for (path, name), values in garbage.items():
+        before = os.getxattr(path, name)
+        for value in values:
+            try:
+                os.setxattr(path, name, value)
+            except OSError as exc:
+                assert exc.errno == errno.EINVAL, (name, value[:40], exc)
+            else:
+                pytest.fail(f"{name}={value[:40]!r} was accepted")
+            assert os.getxattr(path, name) == before, (name, value[:40])
+    assert os.getxattr(q, "user.kvfs.quota") == str(4 * MiB).encode()
+    expect_errno(errno.ENOTDIR, os.setxattr, f, "user.kvfs.quota", b"1G")  # files have none
+    # The largest quota there is still works, and so do the policies themselves.
+    os.setxattr(q, "user.kvfs.quota", b"16383P")
+    with open(os.path.join(q, "in"), "wb") as fh:
+        fh.write(bytes(MiB))
+    refs.check("policy garbage")
+    # The same sizes on the command line: a usage error, not a traceback.
+    res = run_kvfs("mkfs", os.path.join(os.path.dirname(m.warehouse), "w2"), "--size", "9" * 400, check=False)
+    assert res.returncode == EXIT_USAGE and "too large" in res.stderr, res.stderr
     refs.finish()
 
 
