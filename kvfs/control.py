@@ -91,7 +91,7 @@ def handle(wh, raw: bytes) -> bytes:
     """The daemon's side of .kvfs/control: one request in, one reply out."""
     try:
         req = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deep
         req = None
     if not isinstance(req, dict) or req.get("op") not in OPERATIONS:
         log.warning("control request refused (not a JSON object with a known op): %r", raw[:200])

@@ -414,6 +414,8 @@ def test_control_file_survives_garbage(hostile):
         "two requests": b'{"op": "stats"}\n{"op": "stats"}',
         "NUL bytes": b'{"op": "stats"}\0\0\0',
         "a number too long to parse": b'{"op": "tune", "high_watermark": ' + b"9" * 5000 + b"}",
+        "deeply nested": b"[" * 30000 + b"]" * 30000,
+        "a deeply nested argument": b'{"op": "stats", "a": ' + b"[" * 30000 + b"]" * 30000 + b"}",
     }
     for what, request in garbage.items():
         assert control(m, request) == ("errno", "EINVAL"), what
@@ -446,6 +448,7 @@ def test_control_file_survives_garbage(hostile):
         "an object": b'{"paths": ["a"]}',
         "numbers": b"[1, 2]",
         "nested lists": b'[["ref"]]',
+        "deeply nested": b"[" * 200000 + b"]" * 200000,
     }
     for what, request in lookup_garbage.items():
         assert control(m, request, "lookup") == ("errno", "EINVAL"), what
