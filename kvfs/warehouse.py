@@ -1245,7 +1245,10 @@ class Warehouse:
         out = []
         with self.meta.begin() as txn:
             for path in paths:
-                parts = M.path_parts(path)
+                try:
+                    parts = M.path_parts(path)
+                except Invalid:  # no bytes spell it: no file has that name
+                    parts = []
                 ino, found = M.ROOT_INO, bool(parts) and b".." not in parts
                 for part in parts if found else ():
                     hit = may_search(txn, ino) and len(part) <= NAME_MAX and self._find(txn, ino, part)

@@ -430,6 +430,7 @@ def test_control_file_survives_garbage(hostile):
         "retire a long name": {"op": "retire", "path": "x" * 300},
         "retire what is not there": {"op": "retire", "path": "nothing/here"},
         "retire the control directory": {"op": "retire", "path": ".kvfs"},
+        "retire a lone surrogate": {"op": "retire", "path": "ref/\ud800"},
         "gc grace a string": {"op": "gc", "grace": "soon"},
         "gc grace negative": {"op": "gc", "grace": -1},
         "gc grace infinite": {"op": "gc", "grace": float("inf")},
@@ -468,4 +469,6 @@ def test_control_file_survives_garbage(hostile):
     kind, reply = control(m, b'{"op": "tune", "high_watermark": 0.9, "low_watermark": 0.8}')
     assert reply == {"ok": True, "high_watermark": 0.9, "low_watermark": 0.8}
     assert control(m, json.dumps(["ref/small", "ref/nothing"]).encode(), "lookup") == ("reply", [True, False])
+    # A path that no bytes can spell (a lone surrogate) names nothing.
+    assert control(m, json.dumps(["ref/\ud800", "ref/small"]).encode(), "lookup") == ("reply", [False, True])
     refs.finish()
