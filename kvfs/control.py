@@ -71,20 +71,27 @@ def run(wh, op: str, args: dict) -> dict:
         from .fsck import DEFAULT_GC_GRACE, gc
 
         grace = args.get("grace", DEFAULT_GC_GRACE)
-        if not isinstance(grace, (int, float)) or not math.isfinite(grace) or grace < 0:
+        if not _number(grace) or not math.isfinite(grace) or grace < 0:
             raise Invalid("grace must be a finite number of seconds >= 0")
-        return gc(wh, delete=bool(args.get("delete")), grace=float(grace))
+        delete = args.get("delete", False)
+        if not isinstance(delete, bool):  # "no" must not mean yes
+            raise Invalid("delete must be true or false")
+        return gc(wh, delete=delete, grace=float(grace))
     if op == "tune":
         marks = []
         for key in ("high_watermark", "low_watermark"):
             v = args.get(key)
-            if v is not None and not isinstance(v, (int, float)):
+            if v is not None and not _number(v):
                 raise Invalid(f"{key} must be a number")
             marks.append(v)
         if marks != [None, None]:
             wh.set_watermarks(*marks)
         return {"high_watermark": wh.high_watermark, "low_watermark": wh.low_watermark}
     raise Invalid(f"unknown control operation {op!r}")  # OPERATIONS and run() disagree
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)  # JSON true is not 1
 
 
 def handle(wh, raw: bytes) -> bytes:

@@ -439,6 +439,11 @@ def test_control_file_survives_garbage(hostile):
         "tune out of range": {"op": "tune", "high_watermark": 5},
         "tune low above high": {"op": "tune", "high_watermark": 0.5, "low_watermark": 0.6},
         "tune NaN": {"op": "tune", "high_watermark": float("nan")},
+        # Wrong types are refused, not read as something else: "no" is not a yes.
+        "gc delete a string": {"op": "gc", "delete": "no"},
+        "gc delete a number": {"op": "gc", "delete": 0},
+        "gc grace a boolean": {"op": "gc", "grace": True},
+        "tune booleans": {"op": "tune", "high_watermark": True, "low_watermark": True},
     }
     for what, request in refused.items():
         kind, reply = control(m, json.dumps(request).encode())
