@@ -134,7 +134,10 @@ class OpenFile:
         self.base_size = size  # the committed size
         self.pending = 0  # bytes of growth counted against quotas until the next commit
         self.quota_roots: list[int] | None = None  # quota directories above it, once known
-        self.dirty: dict[int, bytearray] = {}  # partially written blocks, in memory
+        # Partially written blocks, in memory. A buffer holds the block's bytes up to the
+        # last one written (or loaded); the rest of the block is zeros. A buffer of a whole
+        # block per file would cost a block per open file with a few bytes written.
+        self.dirty: dict[int, bytearray] = {}
         self.changes: dict[int, Pending | None] = {}  # stored blocks; None: a hole
         self.trunc_blocks: int | None = None  # committed blocks from here on are dropped
         self.changed = False
@@ -1539,7 +1542,8 @@ class Warehouse:
                     lo, hi = max(offset, base) - base, min(end, base + bs) - base
                     kind, what = self._resolve(txn, of, h.ino, idx)
                     if kind == "buf":
-                        parts.append(("data", bytes(what[lo:hi]), 0, hi - lo))
+                        chunk = bytes(what[lo:hi])  # a dirty buffer ends early: zeros follow
+                        parts.append(("data", chunk + bytes(hi - lo - len(chunk)), 0, hi - lo))
                     else:
                         parts.append((kind, what, lo, hi))
                 # A sequential reader's next blocks are on their way from the devices while
@@ -1579,19 +1583,18 @@ class Warehouse:
             self.devices.read_end(gen)
 
     def _load_block(self, of: OpenFile, idx: int) -> bytearray:
+        """Block `idx` as a dirty buffer: its stored bytes (none for a hole)."""
         with self.meta.begin() as txn:
             kind, what = self._resolve(txn, of, of.ino, idx)
-        buf = bytearray(self.block_size)
         if kind == "buf":
-            buf[:] = what
-        elif kind == "blk":
+            return bytearray(what)
+        if kind == "blk":
             gen = self.devices.read_begin()
             try:
-                data = self._fetch(what)
+                return bytearray(self._fetch(what))
             finally:
                 self.devices.read_end(gen)
-            buf[: len(data)] = data
-        return buf
+        return bytearray()
 
     def write(self, fh: int, offset: int, data) -> int:
         if offset < 0:
@@ -1630,6 +1633,8 @@ class Warehouse:
                         if buf is None:
                             buf = self._load_block(of, idx)
                             of.dirty[idx] = buf
+                        if len(buf) < boff:
+                            buf.extend(bytes(boff - len(buf)))
                         buf[boff:boff + take] = view[pos:pos + take]
                         if boff + take == bs:
                             try:
@@ -1653,6 +1658,8 @@ class Warehouse:
         old = of.changes.get(idx, False)
         if raw_len <= 0:
             return
+        if len(view) < raw_len:  # a dirty buffer that ends early: zeros follow
+            view = memoryview(bytes(view) + bytes(raw_len - len(view)))
         h = codecs.block_hash(view)
         if h == _zero_hash(len(view)):
             of.changes[idx] = None
@@ -1706,7 +1713,7 @@ class Warehouse:
             buf = None
             if tail:  # may raise (EIO): before anything is changed
                 buf = bytearray(of.dirty[keep - 1]) if keep - 1 in of.dirty else self._load_block(of, keep - 1)
-                buf[tail:] = bytes(bs - tail)
+                del buf[tail:]  # what was cut reads as zeros if the file grows again
             for idx in [i for i in of.dirty if i >= keep]:
                 del of.dirty[idx]
             for idx in [i for i in of.changes if i >= keep]:

@@ -375,6 +375,66 @@ def test_policy_xattrs_refuse_garbage(hostile):
     refs.finish()
 
 
+# -- open handles ---------------------------------------------------------------------------------
+
+def daemon_anon_kib(pid) -> int:
+    """The daemon's anonymous resident memory (its heap; LMDB and device pages are file
+    pages and come and go with the page cache)."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
+
+
+@pytest.fixture
+def many_fds():
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 12000
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), max(hard, want)))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_thousands_of_open_handles(hostile, many_fds):
+    """5000 handles on one file and 5000 files open at once, each written a little: the
+    daemon's memory stays bounded while they are open (a handle costs what it holds, not a
+    block), every byte reads back, and all of it is given back at the last close."""
+    m, refs = hostile
+    base = daemon_anon_kib(m.pid)
+    one = m.p("one")
+    with open(one, "wb") as f:
+        f.write(bytes(range(256)) * 4096)  # 1 MiB
+    readers = [os.open(one, os.O_RDONLY) for _ in range(4000)]
+    writers = [os.open(one, os.O_WRONLY) for _ in range(1000)]
+    assert all(os.pread(fd, 256, 0) == bytes(range(256)) for fd in readers[::97])
+    for k, fd in enumerate(writers[::100]):
+        os.pwrite(fd, b"W%d" % k, 100_000 * k + 1)
+    for fd in readers + writers:
+        os.close(fd)
+    expect = bytearray(bytes(range(256)) * 4096)
+    for k in range(10):
+        expect[100_000 * k + 1:100_000 * k + 1 + len(b"W%d" % k)] = b"W%d" % k
+    assert read_direct(one) == expect
+    os.mkdir(m.p("many"))
+    fds = [os.open(m.p("many", f"f{i}"), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644) for i in range(5000)]
+    for i, fd in enumerate(fds):
+        os.pwrite(fd, b"%d" % i, i % 3000)  # a few bytes somewhere in the first block
+    peak = daemon_anon_kib(m.pid)
+    assert peak - base < 256 * 1024, f"5000 open files with a few bytes each cost {(peak - base) >> 10} MiB"
+    for i, fd in enumerate(fds[::250]):
+        assert os.pread(fd, 10, (250 * i) % 3000) == b"%d" % (250 * i)
+    for fd in fds:
+        os.close(fd)
+    for i in range(0, 5000, 123):
+        assert read_direct(m.p("many", f"f{i}")) == bytes(i % 3000) + b"%d" % i
+    stats = json.load(open(m.p(".kvfs", "stats.json")))
+    assert stats["open_files"] == 0 and stats["files"] == 5000 + 4 + 1
+    after = daemon_anon_kib(m.pid)
+    assert after - base < 128 * 1024, f"{(after - base) >> 10} MiB stayed after every handle was closed"
+    refs.check("open handles")
+    refs.finish()
+
+
 # -- the control files ---------------------------------------------------------------------------
 
 def control(m, request: bytes, name="control"):
