@@ -147,9 +147,21 @@ class Remote:
         self.path = os.path.join(mountpoint, CONTROL_DIR, CONTROL_FILE)
 
     def call(self, op: str, **args) -> dict:
+        if op == "stats" and not args:
+            # The same snapshot, from a file that anyone may read on any mount: the control
+            # file cannot be opened for writing on a read-only mount.
+            try:
+                with open(os.path.join(self.mountpoint, CONTROL_DIR, STATS_FILE), "rb") as f:
+                    return json.loads(f.read())
+            except OSError as exc:
+                raise QuietError(f"{self.mountpoint}: cannot read {STATS_FILE}: {exc.strerror}",
+                                 exit_for(exc.errno)) from None
         try:
             raw = exchange(self.path, json.dumps({"op": op, **args}).encode())
         except OSError as exc:
+            if exc.errno == errno.EROFS:  # refused at open, by the kernel
+                raise QuietError(f"{self.mountpoint} is mounted read-only: {op!r} cannot run there",
+                                 EXIT_IN_USE) from None
             if exc.errno in (errno.EACCES, errno.EPERM):  # refused at open
                 raise QuietError(f"{self.mountpoint}: the control interface is for root and "
                                  "the warehouse owner", EXIT_PERMISSION) from None
