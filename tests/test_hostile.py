@@ -12,7 +12,6 @@ import json
 import mmap
 import os
 import random
-import stat
 
 import pytest
 

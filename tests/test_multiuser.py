@@ -6,7 +6,6 @@ Probes run as other users in a subprocess that starts as root: the interpreter l
 under /root (0700), so it imports everything it needs, then drops to the user.
 """
 
-import errno
 import json
 import os
 import stat
