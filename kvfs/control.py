@@ -89,14 +89,17 @@ def run(wh, op: str, args: dict) -> dict:
         from .fsck import DEFAULT_GC_GRACE, gc
 
         grace = args.get("grace", DEFAULT_GC_GRACE)
-        if not isinstance(grace, (int, float)) or not math.isfinite(grace) or grace < 0:
+        if not _number(grace) or not math.isfinite(grace) or grace < 0:
             raise Invalid("grace must be a finite number of seconds >= 0")
-        return gc(wh, delete=bool(args.get("delete")), grace=float(grace))
+        delete = args.get("delete", False)
+        if not isinstance(delete, bool):  # "no" must not mean yes
+            raise Invalid("delete must be true or false")
+        return gc(wh, delete=delete, grace=float(grace))
     if op == "tune":
         marks = []
         for key in ("high_watermark", "low_watermark"):
             v = args.get(key)
-            if v is not None and not isinstance(v, (int, float)):
+            if v is not None and not _number(v):
                 raise Invalid(f"{key} must be a number")
             marks.append(v)
         if marks != [None, None]:
@@ -118,11 +121,15 @@ def run(wh, op: str, args: dict) -> dict:
     raise Invalid(f"unknown control operation {op!r}")  # OPERATIONS and run() disagree
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)  # JSON true is not 1
+
+
 def handle(wh, raw: bytes) -> bytes:
     """The daemon's side of .kvfs/control: one request in, one reply out."""
     try:
         req = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deep
         req = None
     if not isinstance(req, dict) or req.get("op") not in OPERATIONS:
         log.warning("control request refused (not a JSON object with a known op): %r", raw[:200])
@@ -171,9 +178,21 @@ class Remote:
         self.path = os.path.join(mountpoint, CONTROL_DIR, CONTROL_FILE)
 
     def call(self, op: str, **args) -> dict:
+        if op == "stats" and not args:
+            # The same snapshot, from a file that anyone may read on any mount: the control
+            # file cannot be opened for writing on a read-only mount.
+            try:
+                with open(os.path.join(self.mountpoint, CONTROL_DIR, STATS_FILE), "rb") as f:
+                    return json.loads(f.read())
+            except OSError as exc:
+                raise QuietError(f"{self.mountpoint}: cannot read {STATS_FILE}: {exc.strerror}",
+                                 exit_for(exc.errno)) from None
         try:
             raw = exchange(self.path, json.dumps({"op": op, **args}).encode())
         except OSError as exc:
+            if exc.errno == errno.EROFS:  # refused at open, by the kernel
+                raise QuietError(f"{self.mountpoint} is mounted read-only: {op!r} cannot run there",
+                                 EXIT_IN_USE) from None
             if exc.errno in (errno.EACCES, errno.EPERM):  # refused at open
                 raise QuietError(f"{self.mountpoint}: the control interface is for root and "
                                  "the warehouse owner", EXIT_PERMISSION) from None

@@ -399,7 +399,7 @@ class Operations(pyfuse3.Operations):
         """.kvfs/lookup: a JSON list of paths in, a JSON list of booleans out."""
         try:
             paths = json.loads(handle.request)
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deep
             paths = None
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             raise pyfuse3.FUSEError(errno.EINVAL)

@@ -84,6 +84,8 @@ from dataclasses import dataclass
 
 import lmdb
 
+from .errors import Invalid
+
 FORMAT_REVISION = 2
 FORMAT_REMOTE = 3
 FORMAT_READABLE = (FORMAT_REVISION, FORMAT_REMOTE)
@@ -178,8 +180,13 @@ def parse_bmap_key(b: bytes) -> tuple[int, int]:
 
 
 def path_parts(path: str | bytes) -> list[bytes]:
-    """The names of a path relative to the root ('a//b/./c' -> [a, b, c])."""
-    return [p for p in os.fsencode(path).split(b"/") if p not in (b"", b".")]
+    """The names of a path relative to the root ('a//b/./c' -> [a, b, c]). Invalid for a
+    string no bytes can spell (a lone surrogate that is not an escaped byte)."""
+    try:
+        raw = os.fsencode(path)
+    except UnicodeEncodeError:
+        raise Invalid(f"{path!r} is not a path (it cannot be encoded)") from None
+    return [p for p in raw.split(b"/") if p not in (b"", b".")]
 
 
 def link_key(ino: int, parent: int, name: bytes) -> bytes:

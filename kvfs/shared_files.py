@@ -277,7 +277,8 @@ class SharedFiles:
                 buf = bytearray()
                 idx = 0
                 for h, n in zip(hashes, rlens):
-                    buf += bytes(n) if h is None else next(fetched)[1]
+                    data = b"" if h is None else next(fetched)[1]
+                    buf += data + bytes(n - len(data))  # a hole, or a block stored short
                     while len(buf) >= bs or (buf and idx * bs + len(buf) >= size):
                         with self._lock:
                             self._store(of, idx, buf[:bs])

@@ -13,7 +13,10 @@ def parse_size(text: str) -> int:
     m = _SIZE_RE.match(text)
     if not m:
         raise ValueError(f"invalid size {text!r} (examples: 4096, 64M, 200G)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if value == float("inf"):  # hundreds of digits: not a size
+        raise ValueError(f"size {text[:40]!r} is too large")
+    return int(value)
 
 
 def parse_age(text: str) -> float:

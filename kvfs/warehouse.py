@@ -142,7 +142,10 @@ class OpenFile:
         self.base_size = size  # the committed size
         self.pending = 0  # bytes of growth counted against quotas until the next commit
         self.quota_roots: list[int] | None = None  # quota directories above it, once known
-        self.dirty: dict[int, bytearray] = {}  # partially written blocks, in memory
+        # Partially written blocks, in memory. A buffer holds the block's bytes up to the
+        # last one written (or loaded); the rest of the block is zeros. A buffer of a whole
+        # block per file would cost a block per open file with a few bytes written.
+        self.dirty: dict[int, bytearray] = {}
         self.changes: dict[int, Pending | None] = {}  # stored blocks; None: a hole
         self.trunc_blocks: int | None = None  # committed blocks from here on are dropped
         self.changed = False
@@ -542,8 +545,9 @@ class Warehouse(SharedFiles):
         raw = txn.get(M.dentry_key(parent, name), db=self.meta.db["dentries"])
         return None if raw is None else M.parse_dentry_val(raw)
 
-    def _add_entry(self, txn, parent: int, name: bytes, ino: int) -> None:
-        entry_id = self.meta.next_counter(txn, b"next_entry", 1)
+    def _add_entry(self, txn, parent: int, name: bytes, ino: int, entry_id: int | None = None) -> None:
+        if entry_id is None:
+            entry_id = self.meta.next_counter(txn, b"next_entry", 1)
         db = self.meta.db
         if not txn.put(M.dentry_key(parent, name), M.dentry_val(ino, entry_id), db=db["dentries"], overwrite=False):
             raise Exists(f"{name!r} exists")
@@ -832,7 +836,9 @@ class Warehouse(SharedFiles):
                             npdir.nlink -= 1
                         self._drop_link(txn, dst_inode, t, effects)
                     self._remove_entry(txn, old_parent, old_name)
-                    self._add_entry(txn, new_parent, new_name, src[0])
+                    # A replaced name keeps its readdir offset: it never stops existing, so
+                    # a listing taken meanwhile must show it once, not again at the end.
+                    self._add_entry(txn, new_parent, new_name, src[0], dst[1] if dst is not None else None)
                     if src_dir and old_parent != new_parent:
                         opdir.nlink -= 1
                         npdir.nlink += 1
@@ -1314,7 +1320,10 @@ class Warehouse(SharedFiles):
         out = []
         with self.meta.begin() as txn:
             for path in paths:
-                parts = M.path_parts(path)
+                try:
+                    parts = M.path_parts(path)
+                except Invalid:  # no bytes spell it: no file has that name
+                    parts = []
                 ino, found = M.ROOT_INO, bool(parts) and b".." not in parts
                 for part in parts if found else ():
                     hit = may_search(txn, ino) and len(part) <= NAME_MAX and self._find(txn, ino, part)
@@ -1670,7 +1679,8 @@ class Warehouse(SharedFiles):
                     lo, hi = max(offset, base) - base, min(end, base + bs) - base
                     kind, what = self._resolve(txn, of, h.ino, idx)
                     if kind == "buf":
-                        parts.append(("data", bytes(what[lo:hi]), 0, hi - lo))
+                        chunk = bytes(what[lo:hi])  # a dirty buffer ends early: zeros follow
+                        parts.append(("data", chunk + bytes(hi - lo - len(chunk)), 0, hi - lo))
                     else:
                         parts.append((kind, what, lo, hi))
                 # A sequential reader's next blocks are on their way from the devices while
@@ -1718,12 +1728,12 @@ class Warehouse(SharedFiles):
         return bytes(out)
 
     def _load_block(self, of: OpenFile, idx: int) -> bytearray:
+        """Block `idx` as a dirty buffer: its stored bytes (none for a hole)."""
         with self.meta.begin() as txn:
             kind, what = self._resolve(txn, of, of.ino, idx)
-        buf = bytearray(self.block_size)
         if kind == "buf":
-            buf[:] = what
-        elif kind == "blk":
+            return bytearray(what)
+        if kind == "blk":
             gen = self.devices.read_begin()
             try:
                 data = self._fetch(what)
@@ -1736,8 +1746,8 @@ class Warehouse(SharedFiles):
             if failed is not None:
                 self._quarantine(failed, of.ino)
                 raise failed
-            buf[: len(data)] = data
-        return buf
+            return bytearray(data)
+        return bytearray()
 
     def write(self, fh: int, offset: int, data) -> int:
         if offset < 0:
@@ -1776,6 +1786,8 @@ class Warehouse(SharedFiles):
                         if buf is None:
                             buf = self._load_block(of, idx)
                             of.dirty[idx] = buf
+                        if len(buf) < boff:
+                            buf.extend(bytes(boff - len(buf)))
                         buf[boff:boff + take] = view[pos:pos + take]
                         if boff + take == bs:
                             try:
@@ -1799,6 +1811,8 @@ class Warehouse(SharedFiles):
         old = of.changes.get(idx, False)
         if raw_len <= 0:
             return
+        if len(view) < raw_len:  # a dirty buffer that ends early: zeros follow
+            view = memoryview(bytes(view) + bytes(raw_len - len(view)))
         h = codecs.block_hash(view)
         if h == _zero_hash(len(view)):
             of.changes[idx] = None
@@ -1854,7 +1868,7 @@ class Warehouse(SharedFiles):
             buf = None
             if tail:  # may raise (EIO): before anything is changed
                 buf = bytearray(of.dirty[keep - 1]) if keep - 1 in of.dirty else self._load_block(of, keep - 1)
-                buf[tail:] = bytes(bs - tail)
+                del buf[tail:]  # what was cut reads as zeros if the file grows again
             for idx in [i for i in of.dirty if i >= keep]:
                 del of.dirty[idx]
             for idx in [i for i in of.changes if i >= keep]:
@@ -2003,9 +2017,12 @@ def _parse_flag(value: bytes) -> bool:
 
 def _parse_quota(value: bytes) -> int:
     try:
-        return parse_size(value.decode())
+        limit = parse_size(value.decode())
     except (UnicodeDecodeError, ValueError):
-        raise Invalid(f"{QUOTA_XATTR.decode()} takes a size in bytes (e.g. 500G), not {value[:40]!r}") from None
+        limit = -1
+    if not 0 <= limit < 1 << 64:  # kept as an unsigned 64-bit number (kvfs.meta)
+        raise Invalid(f"{QUOTA_XATTR.decode()} takes a size in bytes (e.g. 500G), not {value[:40]!r}")
+    return limit
 
 
 def _parse_ttl(value: bytes) -> int:

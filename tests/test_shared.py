@@ -201,6 +201,25 @@ def test_written_on_a_read_on_b(nodes, seaweed, make_mount):
         fsck_clean(m)
 
 
+def test_a_file_grown_past_a_short_block_reads_the_same_on_b(nodes):
+    """A block written short stays short when the file grows past it (local reads see
+    zeros after it): B must accept it as it is (its hash is of what it holds) and read
+    the same bytes, with its own block size as well."""
+    a, b = nodes("a"), nodes("b")
+    with open(a.p("grown.kv"), "wb") as f:
+        f.write(b"x" * 100)
+    with open(a.p("grown.kv"), "r+b") as f:
+        f.seek(MiB + 5000)
+        f.write(b"tail")
+    want = b"x" * 100 + bytes(MiB + 4900) + b"tail"
+    assert read(a.p("grown.kv")) == want
+    drained(a)
+    assert read(b.p("grown.kv")) == want
+    assert shared(b)["corrupt_blocks"] == 0
+    c = nodes("c", block_size="256K")
+    assert read(c.p("grown.kv")) == want
+
+
 def test_remote_file_is_never_read_as_zeros_without_its_tier(nodes):
     a = nodes("a")
     b = nodes("b")
