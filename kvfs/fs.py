@@ -112,6 +112,7 @@ class Operations(pyfuse3.Operations):
         self._next_dir_fh = 1
         self._ctl: dict[int, _ControlHandle] = {}
         self._next_ctl_fh = VIRTUAL_FH
+        self._stale: dict[int, float] = {}  # caller pid -> until when its open's retry is expected
         self._started = time.time_ns()
         warehouse.on_removed = self._removed
 
@@ -432,9 +433,17 @@ class Operations(pyfuse3.Operations):
         except KvfsError as exc:
             if exc.errno != errno.ENOENT:
                 raise
-            # The kernel still holds a name for an inode that is gone (evicted, or replaced
-            # by a newer version from the shared tier) and not yet forgotten: ESTALE makes
-            # it look the name up again and retry the open once (Linux's do_filp_open).
+            # The kernel still holds a name for an inode that is gone (renamed over, evicted,
+            # or replaced by a newer version from the shared tier) and not yet forgotten:
+            # ESTALE makes it look the name up again and retry the open once (Linux's
+            # do_filp_open). If the retry finds a gone inode too (the name was replaced again
+            # meanwhile), that caller gets ENOENT, a miss clients understand, not ESTALE.
+            now = time.monotonic()
+            if self._stale.pop(ctx.pid, 0) > now:
+                raise pyfuse3.FUSEError(errno.ENOENT) from None
+            if len(self._stale) > 4096:
+                self._stale.clear()
+            self._stale[ctx.pid] = now + 1.0
             raise pyfuse3.FUSEError(errno.ESTALE) from None
         if write and flags & os.O_TRUNC:
             try:
