@@ -1436,7 +1436,8 @@ class Warehouse(SharedFiles):
             st["expiring_files"] = txn.stat(self.meta.db["expiry"])["entries"]
             st["retiring"] = txn.stat(self.meta.db["retiring"])["entries"]
             st["quotas"] = txn.stat(self.meta.db["quotas"])["entries"]
-            st["quarantined_blocks"] = sum(1 for _ in self.meta.iter_quarantine(txn))
+            qdb = self.meta.db.get("quarantine")  # (absent in a read-only open of an older warehouse)
+            st["quarantined_blocks"] = txn.stat(qdb)["entries"] if qdb is not None else 0
             state = self.meta.get_json(txn, b"state") or {}
         counters = self.stats_totals()
         hits, misses = counters.get("lookup_hit", 0), counters.get("lookup_miss", 0)
