@@ -511,7 +511,7 @@ class SharedFiles:
                     if left > 0:
                         self._held[h] = left
                         continue
-                    del self._held[h]
+                    self._held.pop(h, None)  # (gone if the warehouse closed without waiting)
                     rec = self.meta.get_block(txn, h)
                     if rec is not None and rec.refcount == 0:  # its file went meanwhile
                         self._settle(txn, h, rec, effects, collections.Counter())

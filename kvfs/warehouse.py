@@ -442,8 +442,17 @@ class Warehouse(SharedFiles):
                         self._discard(of)
                     self._flush_access()
                     # Unlinked inodes kept for open files go now: nothing is open any more.
+                    # Holds left now are an upload's that did not finish (the shared tier
+                    # gave up waiting for it): nothing will release them, and a block only
+                    # they kept must not stay as an unreferenced record of a clean warehouse.
                     with self.meta.begin(write=True) as txn:
                         self._purge_orphans(txn, [])
+                        effects: list = []
+                        for h in list(self._held):
+                            del self._held[h]
+                            rec = self.meta.get_block(txn, h)
+                            if rec is not None and rec.refcount == 0:
+                                self._settle(txn, h, rec, effects, collections.Counter())
                         self.meta.put_stats(txn, self.stats_totals())
                     # Clean only once the data is durable: a device that fails its sync
                     # leaves the warehouse unclean, and the next mount recovers.

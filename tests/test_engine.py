@@ -466,3 +466,21 @@ def test_gc_leaves_a_block_that_changed_since_its_snapshot(tmp_path):
     with w.meta.begin() as txn:
         assert w.meta.get_block(txn, h).refcount == 3  # untouched: 2 references + the planted one
     w.close()
+
+
+def test_close_frees_blocks_an_unfinished_upload_still_held(tmp_path):
+    """The shared tier's uploader holds a file's blocks while it uploads; if the warehouse
+    closes without it (the store hung at unmount), a block only that hold kept (its file
+    deleted meanwhile) must not stay behind as an unreferenced record of a clean warehouse."""
+    path = _fresh(tmp_path)
+    w = Warehouse(path)
+    fh, inode = w.create(M.ROOT_INO, b"f", 0o644, 0, 0)
+    w.write(fh, 0, _blk(3))
+    w.release(fh)
+    snap = w.share_snapshot(inode.ino)
+    assert snap is not None and snap.held
+    w.unlink(M.ROOT_INO, b"f")
+    with w.meta.begin() as txn:  # kept by the hold alone
+        assert w.meta.get_block(txn, snap.held[0]).refcount == 0
+    w.close()
+    assert _fsck_clean(path) == []
