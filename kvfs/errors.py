@@ -75,12 +75,11 @@ class Corrupt(KvfsError):
 
 class Damaged(Corrupt):
     """A block's stored copy failed verification (or is quarantined): EIO, with where it is
-    (loc: hash, device, offset, stored length, raw length, codec) and why."""
+    (loc: hash, device, offset, stored length, raw length, codec)."""
 
-    def __init__(self, msg: str, loc: tuple, reason: str):
+    def __init__(self, msg: str, loc: tuple):
         super().__init__(msg)
         self.loc = loc
-        self.reason = reason
 
 
 # Exit codes shared by every kvfs command (each man page lists the ones it uses).

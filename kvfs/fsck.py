@@ -307,9 +307,7 @@ class Fsck:
                 self.problem(f"block {h.hex()} {what}", fix)
                 if fix:
                     if refs[h] == 0:
-                        self.meta.delete_block(txn, h)
-                        self.meta.free_add(txn, rec.dev, rec.offset, round_up(rec.stored_len))
-                        self.freed.append((rec.dev, rec.offset, rec.stored_len))
+                        self.wh._free_block(txn, bytes(h), rec, self.freed)
                     else:
                         rec.refcount = refs[h]
                         self.meta.put_block(txn, h, rec)
@@ -504,10 +502,7 @@ def _reclaim(wh: Warehouse, txn, candidates: list[tuple], effects: list, removed
                 continue
             rec = M.BlockRecord.unpack(raw)
             if counted == 0:
-                meta.delete_block(txn, h)
-                wh.bad_blocks.discard((h, rec.dev, rec.offset))
-                meta.free_add(txn, rec.dev, rec.offset, round_up(rec.stored_len))
-                effects.append((rec.dev, rec.offset, rec.stored_len))
+                wh._free_block(txn, h, rec, effects)
             else:
                 rec.refcount = counted
                 meta.put_block(txn, h, rec)
@@ -547,11 +542,7 @@ def restore_backup(warehouse: str, meta_dir: str) -> dict:
         shutil.copytree(meta_dir, kept)
         staging = os.path.join(meta_dir, "data.mdb.restoring")
         shutil.copyfile(os.path.join(backup, "data.mdb"), staging)
-        fd = os.open(staging, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        M.fsync_file(staging)
         os.replace(staging, os.path.join(meta_dir, "data.mdb"))
         try:
             os.unlink(os.path.join(meta_dir, "lock.mdb"))  # LMDB's reader table: made anew

@@ -419,6 +419,29 @@ def verify_records(path: str) -> dict:
     return {"records": records, "problems": problems}
 
 
+def fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_dir(new: str, path: str, keep: str | None = None) -> None:
+    """Give directory `new` the name `path`. The directory there before is renamed to
+    `keep` (replacing it), or removed. A crash between the two renames leaves `new` whole
+    under its own name."""
+    import shutil
+
+    old = keep or path + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(path):
+        os.rename(path, old)
+    os.rename(new, path)
+    if keep is None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def verify_in_child(path: str) -> dict:
     """verify_records of the environment at `path`, run in a child process: a damaged
     page can crash LMDB's C code, and that must not take the caller with it. A child killed
@@ -495,26 +518,15 @@ class Meta:
     def sync(self) -> None:
         self.env.sync(True)
 
-    def snapshot(self, path: str) -> None:
-        """Replace `path` (a directory) with a consistent, compacted copy of the
-        environment, synced before it takes the name."""
+    def copy_to(self, path: str) -> None:
+        """A consistent, compacted copy of the environment in a new directory `path`,
+        synced (replace_dir then gives it its name)."""
         import shutil
 
-        tmp = path + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp, mode=0o700)
-        self.env.copy(tmp, compact=True)
-        fd = os.open(os.path.join(tmp, "data.mdb"), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        old = path + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.exists(path):
-            os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path, mode=0o700)
+        self.env.copy(path, compact=True)
+        fsync_file(os.path.join(path, "data.mdb"))
 
     def close(self) -> None:
         self.env.close()

@@ -5,6 +5,8 @@ HTTP by `kvfs mount --metrics-port`."""
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .shared_files import COUNTERS as SHARED
+
 # counter name in Warehouse.stats()["counters"] -> (metric, help)
 COUNTERS = {
     "lookup_hit": ("kvfs_lookup_hits", "Lookups that found a name (the kernel caches many)."),
@@ -27,21 +29,7 @@ COUNTERS = {
     "quota_refusals": ("kvfs_quota_refusals", "Writes refused with EDQUOT."),
 }
 # Only for a warehouse with a shared tier (Warehouse.stats()["shared"]).
-SHARED_COUNTERS = {
-    "shared_uploaded_files": ("kvfs_shared_uploaded_files", "Files whose manifest this node put in the shared tier."),
-    "shared_uploaded_blocks": ("kvfs_shared_uploaded_blocks", "Blocks put in the shared tier."),
-    "shared_uploaded_bytes": ("kvfs_shared_uploaded_bytes", "Bytes of the blocks put in the shared tier."),
-    "shared_present_blocks": ("kvfs_shared_present_blocks", "Blocks not put: the shared tier had them."),
-    "shared_lookup_hits": ("kvfs_shared_lookup_hits", "Local misses that the shared tier had."),
-    "shared_lookup_misses": ("kvfs_shared_lookup_misses", "Local misses that the shared tier did not have."),
-    "shared_fetched_files": ("kvfs_shared_fetched_files", "Files whose data was fetched from the shared tier."),
-    "shared_fetched_blocks": ("kvfs_shared_fetched_blocks", "Blocks fetched from the shared tier and verified."),
-    "shared_fetched_bytes": ("kvfs_shared_fetched_bytes", "Bytes of the blocks fetched."),
-    "shared_failures": ("kvfs_shared_failures", "Requests to the shared tier that failed or timed out."),
-    "shared_corrupt_blocks": ("kvfs_shared_corrupt_blocks", "Blocks from the shared tier refused: not matching their hash."),
-    "shared_dropped_files": ("kvfs_shared_dropped_files", "Unpinned files dropped from a full upload queue."),
-    "shared_superseded_files": ("kvfs_shared_superseded_files", "Local versions replaced by a newer one from the shared tier."),
-}
+SHARED_COUNTERS = {f"shared_{k}": (f"kvfs_shared_{k}", doc) for k, doc in SHARED.items()}
 
 
 class WarehouseCollector:

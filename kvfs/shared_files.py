@@ -35,14 +35,28 @@ import threading
 from dataclasses import dataclass, field
 
 from . import meta as M
-from .errors import Corrupt, Damaged, KvfsError, NotFound
+from .errors import Corrupt, KvfsError, NotFound
 
 DEFAULT_QUEUE_LIMIT = 10_000  # files
 # The shared tier's counters (kept with the warehouse's, as shared_NAME), all in stats().
-COUNTERS = ("uploaded_files", "uploaded_blocks", "uploaded_bytes", "present_blocks",
-            "lookup_hits", "lookup_misses", "fetched_files", "fetched_blocks", "fetched_bytes",
-            "failures", "corrupt_blocks", "bad_manifests", "dropped_files", "superseded_files",
-            "retired_manifests")
+COUNTERS = {  # name -> what it counts (stats, and the metric kvfs_shared_NAME)
+    "uploaded_files": "Files whose manifest this node put in the shared tier.",
+    "uploaded_blocks": "Blocks put in the shared tier.",
+    "uploaded_bytes": "Bytes of the blocks put in the shared tier.",
+    "present_blocks": "Blocks not put: the shared tier had them.",
+    "lookup_hits": "Local misses that the shared tier had.",
+    "lookup_misses": "Local misses that the shared tier did not have.",
+    "lookups_busy": "Local misses answered without asking: every lookup thread was busy.",
+    "fetched_files": "Files whose data was fetched from the shared tier.",
+    "fetched_blocks": "Blocks fetched from the shared tier and verified.",
+    "fetched_bytes": "Bytes of the blocks fetched.",
+    "failures": "Requests to the shared tier that failed or timed out.",
+    "corrupt_blocks": "Blocks from the shared tier refused: not matching their hash.",
+    "bad_manifests": "Objects under files/ that are not valid manifests (treated as absent).",
+    "dropped_files": "Unpinned files dropped from a full upload queue.",
+    "superseded_files": "Local versions replaced by a newer one from the shared tier.",
+    "retired_manifests": "Manifests deleted by kvfs retire --shared.",
+}
 SHARED_COMM = b"kvfs-shared"  # the "creating process" of read-through files in the catalog
 
 
@@ -214,11 +228,8 @@ class SharedFiles:
         """Fetch the data of remote file `ino` and publish it locally (nothing if it is
         not remote). Raises SharedUnavailable or Corrupt (EIO): the file stays remote and
         the next open tries again."""
-        if not self._maybe_remote():
+        if not self.remote_pending(ino):
             return
-        with self.meta.begin() as txn:
-            if self._remote_record(txn, ino) is None:
-                return
         self._check_fillable(ino)
         with self._fill_lock(ino):
             with self.meta.begin() as txn:
@@ -247,6 +258,7 @@ class SharedFiles:
                             missing.append((h, min(bs, size - idx * bs)))
                         seen.add(h)
                 fetched = self.shared.fetch_blocks(missing)
+                planned = {h for h, _ in missing}
                 firsts: dict[bytes, Pending] = {}
                 for idx, h in plan:
                     with self._lock:
@@ -258,11 +270,13 @@ class SharedFiles:
                         if self._reuse(of, idx, h):
                             continue
                     data = None
-                    for got, blob in fetched:  # in plan order; skips what was reused meanwhile
+                    # In plan order; skips what was reused meanwhile. A block that was local
+                    # at planning is not in the stream: scanning for it would drain it.
+                    for got, blob in fetched if h in planned else ():
                         if got == h:
                             data = blob
                             break
-                    if data is None:  # became local at planning, gone since: fetch it now
+                    if data is None:  # local at planning, gone since: fetch it now
                         data = next(iter(self.shared.fetch_blocks([(h, min(bs, size - idx * bs))])))[1]
                     with self._lock:
                         self._store(of, idx, data)
@@ -342,7 +356,7 @@ class SharedFiles:
         goes in the transaction that makes its size 0, so no state has size without data."""
         from .warehouse import now_ns
 
-        if not self._maybe_remote():
+        if not self.remote_pending(ino):  # (a read first: no write transaction for nothing)
             return
         with self._fill_lock(ino) if self.shared is not None else contextlib.nullcontext():
             with self._lock, self.meta.begin(write=True) as txn:
@@ -525,14 +539,8 @@ class SharedFiles:
             if rec is None:
                 raise NotFound(f"block {h.hex()} is not stored")
             gen = self.devices.read_begin()
-        try:
-            return self._fetch((h, rec.dev, rec.offset, rec.stored_len, rec.raw_len, rec.codec))
-        except Damaged as damage:  # never uploaded: quarantined, once the read is over
-            failed = damage
-        finally:
-            self.devices.read_end(gen)
-        self._quarantine(failed, 0)
-        raise failed
+        # A damaged block is never uploaded: quarantined (it belongs to no one file here).
+        return self._verified(gen, 0, self._fetch, (h, rec.dev, rec.offset, rec.stored_len, rec.raw_len, rec.codec))
 
     def shared_stats(self) -> dict | None:
         """The shared tier's part of stats(): None if this warehouse never had one."""

@@ -493,17 +493,14 @@ class Warehouse(SharedFiles):
             return None
         t0 = time.monotonic()
         tmp = newest + ".new"
-        self.meta.snapshot(tmp)
+        self.meta.copy_to(tmp)
         check = M.verify_in_child(tmp)  # a copy of damaged metadata must not push out a good one
         if check["problems"]:
             shutil.rmtree(tmp, ignore_errors=True)
             log.error("metadata backup not kept: the copy does not read back whole (%s); the metadata "
                       "itself may be damaged: unmount and run kvfs fsck", check["problems"][0])
             return None
-        shutil.rmtree(older, ignore_errors=True)
-        if os.path.isdir(newest):
-            os.rename(newest, older)
-        os.rename(tmp, newest)
+        M.replace_dir(tmp, newest, keep=older)
         log.info("metadata backed up to %s in %.2f s", newest, time.monotonic() - t0)
         return newest
 
@@ -520,7 +517,9 @@ class Warehouse(SharedFiles):
         self.meta.sync()
         faults = self.devices.faults
         if faults is not None and faults.volatile:
-            self.meta.snapshot(os.path.join(self.path, POWER_CUT_DIR))
+            path = os.path.join(self.path, POWER_CUT_DIR)
+            self.meta.copy_to(path + ".tmp")
+            M.replace_dir(path + ".tmp", path)
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -624,12 +623,21 @@ class Warehouse(SharedFiles):
     def _settle(self, txn, h: bytes, rec: M.BlockRecord, effects: list, releasing) -> None:
         """Store `rec`, or free it if nothing refers to it and no open file pins it."""
         if rec.refcount == 0 and self._held.get(h, 0) - releasing.get(h, 0) <= 0:
-            self.meta.delete_block(txn, h)
-            self.bad_blocks.discard((h, rec.dev, rec.offset))
-            self.meta.free_add(txn, rec.dev, rec.offset, round_up(rec.stored_len))
-            effects.append((rec.dev, rec.offset, rec.stored_len))
+            self._free_block(txn, h, rec, effects)
         else:
             self.meta.put_block(txn, h, rec)
+
+    def _free_block(self, txn, h: bytes, rec: M.BlockRecord, effects: list) -> None:
+        """Delete block `h`'s record (its quarantine record goes with it) and give its
+        extent back: to the free map now, to the allocator by _apply(effects)."""
+        self.meta.delete_block(txn, h)
+        self._free_copy(txn, h, rec.dev, rec.offset, rec.stored_len, effects)
+
+    def _free_copy(self, txn, h: bytes, dev: int, off: int, length: int, effects: list) -> None:
+        """Give back the extent of a stored copy of block `h` that nothing names any more."""
+        self.bad_blocks.discard((h, dev, off))
+        self.meta.free_add(txn, dev, off, round_up(length))
+        effects.append((dev, off, length))
 
     def _apply(self, effects: list) -> None:
         for dev, off, length in effects:
@@ -1171,7 +1179,7 @@ class Warehouse(SharedFiles):
                                   "fragmented between pinned or open files")
                 raise NoSpace("warehouse is full: everything stored is pinned or open")
             loc = self.devices.allocate(length, prefer)
-        if self.devices.used_bytes > self.high_watermark * self.devices.capacity:
+        if self.over_high_watermark():
             self.pressure.set()
         return loc
 
@@ -1568,12 +1576,6 @@ class Warehouse(SharedFiles):
                 p = of.changes[idx]
                 if p is None:
                     return "zero", None
-                if not p.own:
-                    # A block found already stored is read where its record says now: a heal
-                    # may have moved it since (and freed the copy the pending block named).
-                    rec = self.meta.get_block(txn, p.hash)
-                    if rec is not None:
-                        return "blk", (p.hash, rec.dev, rec.offset, rec.stored_len, rec.raw_len, rec.codec)
                 return "blk", (p.hash, p.dev, p.offset, p.stored_len, p.raw_len, p.codec)
             if of.trunc_blocks is not None and idx >= of.trunc_blocks:
                 return "zero", None
@@ -1598,18 +1600,18 @@ class Warehouse(SharedFiles):
                 self.counters["cache_hits"] += 1
                 return data
         if (h, dev, off) in self.bad_blocks:
-            raise Damaged(f"block {h.hex()} is quarantined (failed verification earlier)", loc, "")
+            raise Damaged(f"block {h.hex()} is quarantined (failed verification earlier)", loc)
         try:
             stored = self.devices.devices[dev].pread(slen, off)
         except Corrupt as exc:  # (a short read)
-            raise Damaged(str(exc), loc, str(exc)) from None
+            raise Damaged(str(exc), loc) from None
         except KvfsError:
             self.counters["device_errors"] += 1
             raise
         try:
             data = codecs.decode(stored, codec, rlen, h)
         except Corrupt as exc:
-            raise Damaged(str(exc), loc, str(exc)) from None
+            raise Damaged(str(exc), loc) from None
         self.counters["device_reads"] += 1
         with self._cache_lock:
             if h not in self._cache:
@@ -1628,7 +1630,7 @@ class Warehouse(SharedFiles):
         share the block are dropped when they read it. A later write of the same content
         heals the block. Call it outside any read (see _fetch)."""
         h, dev, off, slen = damage.loc[:4]
-        reason = damage.reason
+        reason = str(damage)
         effects: list = []
         removed: list = []
         with self._lock:
@@ -1707,13 +1709,19 @@ class Warehouse(SharedFiles):
             gen = self.devices.read_begin()
         for _, dev, off, slen, _, _ in ahead:
             self.devices.devices[dev].prefetch(off, slen)
+        return self._verified(gen, h.ino, self._assemble, parts)
+
+    def _verified(self, gen: int, ino: int, fn, *args):
+        """fn(*args) as a read registered as `gen` (read_begin), ended here. A damaged block
+        it finds is quarantined once the read is over: _quarantine takes the lock, which an
+        allocator waiting for running reads may hold."""
         try:
-            return self._assemble(parts)
+            return fn(*args)
         except Damaged as damage:
             failed = damage
         finally:
             self.devices.read_end(gen)
-        self._quarantine(failed, h.ino)
+        self._quarantine(failed, ino)
         raise failed
 
     def _assemble(self, parts: list) -> bytes:
@@ -1744,19 +1752,7 @@ class Warehouse(SharedFiles):
         if kind == "buf":
             return bytearray(what)
         if kind == "blk":
-            gen = self.devices.read_begin()
-            try:
-                data = self._fetch(what)
-            except Damaged as damage:
-                failed = damage
-            else:
-                failed = None
-            finally:
-                self.devices.read_end(gen)
-            if failed is not None:
-                self._quarantine(failed, of.ino)
-                raise failed
-            return bytearray(data)
+            return bytearray(self._verified(self.devices.read_begin(), of.ino, self._fetch, what))
         return bytearray()
 
     def write(self, fh: int, offset: int, data) -> int:
@@ -1976,17 +1972,25 @@ class Warehouse(SharedFiles):
         if p.own and (rec.dev, rec.offset) != (p.dev, p.offset):
             if (p.hash, rec.dev, rec.offset) in self.bad_blocks:
                 # The stored copy failed verification: heal it with the copy just written.
-                self.meta.free_add(txn, rec.dev, rec.offset, round_up(rec.stored_len))
-                effects.append((rec.dev, rec.offset, rec.stored_len))
-                self.bad_blocks.discard((p.hash, rec.dev, rec.offset))
+                self._free_copy(txn, p.hash, rec.dev, rec.offset, rec.stored_len, effects)
                 self.meta.delete_quarantine(txn, p.hash)
                 self.counters["healed_blocks"] += 1
                 rec.dev, rec.offset, rec.stored_len = p.dev, p.offset, p.stored_len
                 rec.raw_len, rec.codec = p.raw_len, p.codec
                 self.meta.free_remove(txn, p.dev, p.offset, round_up(p.stored_len))
+                self._repoint(p)
             else:
                 effects.append((p.dev, p.offset, p.stored_len))
         self.meta.put_block(txn, p.hash, rec)
+
+    def _repoint(self, p: Pending) -> None:
+        """A heal moved block p.hash to p's copy: other open files' uncommitted references
+        to it (found stored when they wrote it) follow, never naming the freed copy."""
+        moved = Pending(p.hash, p.dev, p.offset, p.stored_len, p.raw_len, p.codec, False)
+        for of in self._open.values():
+            for idx, q in of.changes.items():
+                if q is not None and not q.own and q.hash == p.hash:
+                    of.changes[idx] = moved
 
     def _discard(self, of: OpenFile) -> None:
         """Drop an open file's unpublished state; it is back to what was committed."""
