@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Corruption sweep: flip one byte in each of N randomly chosen stored blocks of an unmounted
+"""Corruption sweep: flip one bit in each of N randomly chosen stored blocks of an unmounted
 warehouse, mount it, read every file, and count: every file that holds a damaged block must
 fail with EIO (and be dropped), every other file must read back exactly, and fsck must be
 clean afterwards (nothing damaged left referenced).

@@ -97,7 +97,7 @@ def fsck_clean(m):
     report = json.loads(run_kvfs("fsck", m.warehouse, "--verify-data", "--json").stdout)
     assert report["clean"], report["problems"]
     st = json.loads(run_kvfs("stat", m.warehouse, "--json").stdout)["shared"]  # unmounted: counters
-    assert st is None or (st["state"] == "not configured" and "uploaded_files" in st), st
+    assert st is not None and st["state"] == "not configured" and "uploaded_files" in st, st
     assert "Traceback" not in run_kvfs("stat", m.warehouse).stderr
 
 
