@@ -466,7 +466,12 @@ class Operations(pyfuse3.Operations):
         if fh >= VIRTUAL_FH:
             reply = await self._run_control(self._ctl[fh])
             return reply[off:off + size]
-        return await trio.to_thread.run_sync(self.wh.read, fh, off, size)
+        # What the daemon holds (read ahead into its block cache) is answered here, on the
+        # event loop; only reads that go to the devices take a worker thread.
+        data = self.wh.read_cached(fh, off, size)
+        if data is None:
+            data = await trio.to_thread.run_sync(self.wh.read, fh, off, size)
+        return data
 
     @_fuse_errors
     async def write(self, fh, off, buf):

@@ -236,13 +236,6 @@ class Device:
                 buf[lo - offset:hi - offset] = wdata[lo - woff:hi - woff]
         return data if buf is None else bytes(buf)
 
-    def prefetch(self, offset: int, length: int) -> None:
-        """Ask the kernel to start reading an extent that will be read soon."""
-        try:
-            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass  # advice only
-
     def pwrite(self, data, offset: int) -> None:
         if offset < DATA_START or offset + len(data) > self.size:
             raise Corrupt(f"device {self.index}: write outside the data area at {offset}")

@@ -28,6 +28,7 @@ shared object store and the queue of files published here to upload there.
 """
 
 import collections
+import concurrent.futures
 import contextlib
 import errno
 import fcntl
@@ -83,7 +84,8 @@ ACCESS_GRANULARITY_NS = 1_000_000_000  # an access time moves only if it moved t
 EVICT_BATCH = 128  # files removed per metadata transaction by eviction and expiry
 INLINE_EVICT_BYTES = 32 << 20  # a writer that finds no room evicts at least this much
 REAP_BATCH = 512  # entries deleted per transaction by retire
-PREFETCH_BLOCKS = 8  # blocks a sequential reader's next reads are hinted to the devices
+READ_AHEAD_BYTES = 8 << 20  # how far ahead of a sequential reader blocks are fetched into the block cache
+READ_AHEAD_THREADS = 4  # threads reading ahead: the devices see this many reads at once (besides readers')
 CONTROL_NAME = b".kvfs"  # the control directory in the mount's root (kvfs.fs serves it)
 PIN_XATTR = b"user.kvfs.pin"
 TTL_XATTR = b"user.kvfs.ttl"
@@ -158,7 +160,19 @@ class Handle:
     writable: bool
     append: bool
     read_end: int = 0  # where the last read on this handle ended (sequential detection)
-    ahead: int = -1  # the highest block index prefetched for it
+    ahead: int = -1  # the highest block index read ahead for it
+
+
+class _Fetching:
+    """A block a read-ahead thread was asked to fetch. Whoever starts it first reads it
+    (the read-ahead thread, or a reader that needs it now and finds it not started); later
+    ones wait for `done` and take it from the block cache."""
+
+    __slots__ = ("started", "done")
+
+    def __init__(self):
+        self.started = False
+        self.done = threading.Event()
 
 
 class Warehouse(SharedFiles):
@@ -255,6 +269,8 @@ class Warehouse(SharedFiles):
         self._cache: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
         self._cache_bytes = 0
         self._cache_lock = threading.Lock()
+        self._fetching: dict[bytes, _Fetching] = {}  # blocks being read ahead (_cache_lock)
+        self._ahead_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.bad_blocks: set[tuple[bytes, int, int]] = set()  # (hash, device, offset)
         # Inodes whose unpublished changes were dropped: a client (the kernel) may cache
         # bytes or attributes that are no longer true and must be told (take_discarded).
@@ -465,6 +481,8 @@ class Warehouse(SharedFiles):
                     except OSError as exc:
                         log.error("metadata backup at unmount failed: %s", exc)
             finally:
+                if self._ahead_pool is not None:  # its reads end before the devices close
+                    self._ahead_pool.shutdown(wait=True)
                 self.devices.close()
                 self.meta.close()
                 os.close(self._lock_fd)
@@ -1591,14 +1609,41 @@ class Warehouse(SharedFiles):
         """The verified bytes of a block: Damaged (EIO) if its stored copy fails
         verification or is quarantined, never data. The caller, once its read is over
         (read_end: a quarantine takes the lock, which an allocator waiting for running
-        reads may hold), hands that to _quarantine."""
-        h, dev, off, slen, rlen, codec = loc
+        reads may hold), hands that to _quarantine. A block a read-ahead thread is reading
+        is waited for; one it has not started yet is read here (and skipped there)."""
+        h = loc[0]
+        while True:
+            with self._cache_lock:
+                data = self._cache.get(h)
+                if data is not None:
+                    self._cache.move_to_end(h)
+                    self.counters["cache_hits"] += 1
+                    return data
+                job = self._fetching.get(h)
+                if job is None or not job.started:
+                    if job is not None:
+                        job.started = True
+                        self.counters["read_ahead_late"] += 1
+                    break
+                self.counters["read_ahead_waits"] += 1
+            # Being read ahead: wait, then take it from the cache (or, if that read failed
+            # or the block was pushed out of the cache already, read it here).
+            job.done.wait()
+        try:
+            return self._read_block(loc)
+        finally:
+            if job is not None:
+                self._fetched(h, job)
+
+    def _fetched(self, h: bytes, job: _Fetching) -> None:
         with self._cache_lock:
-            data = self._cache.get(h)
-            if data is not None:
-                self._cache.move_to_end(h)
-                self.counters["cache_hits"] += 1
-                return data
+            if self._fetching.get(h) is job:
+                del self._fetching[h]
+        job.done.set()
+
+    def _read_block(self, loc) -> bytes:
+        """Read a block from its device, verify it and keep it in the block cache."""
+        h, dev, off, slen, rlen, codec = loc
         if (h, dev, off) in self.bad_blocks:
             raise Damaged(f"block {h.hex()} is quarantined (failed verification earlier)", loc)
         try:
@@ -1621,6 +1666,40 @@ class Warehouse(SharedFiles):
                     _, old = self._cache.popitem(last=False)
                     self._cache_bytes -= len(old)
         return data
+
+    def _read_ahead_locked(self, locs: list) -> None:
+        """Have the read-ahead threads fetch these blocks into the block cache. Called
+        under the lock that resolved them (so no free of theirs is reused before their
+        reads are registered), each registered as a read (read_begin) of its own."""
+        if self._ahead_pool is None:
+            self._ahead_pool = concurrent.futures.ThreadPoolExecutor(READ_AHEAD_THREADS, "kvfs-ahead")
+        for loc in locs:
+            h = loc[0]
+            with self._cache_lock:
+                if h in self._cache or h in self._fetching:
+                    continue
+                if len(self._fetching) * self.block_size >= BLOCK_CACHE_BYTES // 2:
+                    return  # many readers at once: reading further ahead would push out of the cache what they are about to read
+                job = self._fetching[h] = _Fetching()
+            self._ahead_pool.submit(self._read_ahead, self.devices.read_begin(), loc, job)
+
+    def _read_ahead(self, gen: int, loc, job: _Fetching) -> None:
+        try:
+            with self._cache_lock:
+                if job.started:
+                    return  # a reader took it over
+                job.started = True
+            try:
+                self._read_block(loc)
+                self.counters["read_ahead_blocks"] += 1
+            except KvfsError:
+                self.counters["read_ahead_errors"] += 1  # a reader that needs it reads it again and reports
+            except Exception:  # never leave a reader waiting for it
+                log.exception("read-ahead of block %s", loc[0].hex())
+            finally:
+                self._fetched(loc[0], job)
+        finally:
+            self.devices.read_end(gen)
 
     def _quarantine(self, damage: "Damaged", ino: int) -> None:
         """Remember (in LMDB) that the stored copy of a block is damaged, so that it is never
@@ -1671,20 +1750,39 @@ class Warehouse(SharedFiles):
             self._cache.clear()
             self._cache_bytes = 0
 
-    def read(self, fh: int, offset: int, size: int) -> bytes:
+    def read(self, fh: int, offset: int, size: int):
+        """The bytes of a read (a bytes-like object: bytes, a memoryview of a cached block
+        or a bytearray)."""
+        gen, ino, parts = self._plan(fh, offset, size, cached_only=False)
+        if gen is None:
+            return self._assemble(parts)
+        return self._verified(gen, ino, self._assemble, parts)
+
+    def read_cached(self, fh: int, offset: int, size: int):
+        """The bytes of a read if the daemon holds all of them (block cache, unpublished
+        buffers, holes), else None: no device I/O and no waiting, so that the FUSE layer
+        may answer it without a thread hop."""
+        plan = self._plan(fh, offset, size, cached_only=True)
+        return None if plan is None else self._assemble(plan[2])
+
+    def _plan(self, fh: int, offset: int, size: int, cached_only: bool):
+        """Resolve a read into parts (see _assemble) and start reading ahead for a
+        sequential reader. Returns (gen, ino, parts), the read registered as `gen`
+        (read_begin) if it needs the devices, else gen None. cached_only: None if it would
+        need them (and nothing changed)."""
         if offset < 0 or size < 0:
             raise Invalid("negative offset or size")
         bs = self.block_size
         with self._lock:
             h = self._handle(fh)
             of = self._open.get(h.ino)
-            self._accessed[h.ino] = now_ns()
             fsize = of.size
             end = min(offset + size, fsize)
             if offset >= end:
-                return b""
+                return None, h.ino, []
             parts = []
             ahead = []
+            device = False
             with self.meta.begin() as txn:
                 for idx in range(offset // bs, (end - 1) // bs + 1):
                     base = idx * bs
@@ -1693,23 +1791,35 @@ class Warehouse(SharedFiles):
                     if kind == "buf":
                         chunk = bytes(what[lo:hi])  # a dirty buffer ends early: zeros follow
                         parts.append(("data", chunk + bytes(hi - lo - len(chunk)), 0, hi - lo))
-                    else:
-                        parts.append((kind, what, lo, hi))
-                # A sequential reader's next blocks are on their way from the devices while
-                # this request is answered (the devices' own read-ahead sees only strides).
+                        continue
+                    if kind == "blk":
+                        with self._cache_lock:
+                            data = self._cache.get(what[0])
+                            if data is not None:
+                                self._cache.move_to_end(what[0])
+                        if data is not None:
+                            kind, what = "cached", data
+                        elif cached_only:
+                            return None
+                        else:
+                            device = True
+                    parts.append((kind, what, lo, hi))
+                # A sequential reader's next blocks are read ahead into the block cache
+                # while this request is answered.
                 if abs(offset - h.read_end) <= bs:
                     last = (end - 1) // bs
-                    stop = min(last + 1 + PREFETCH_BLOCKS, (fsize + bs - 1) // bs)
+                    stop = min(last + 1 + max(1, min(32, READ_AHEAD_BYTES // bs)), (fsize + bs - 1) // bs)
                     for idx in range(max(last + 1, h.ahead + 1), stop):
                         kind, what = self._resolve(txn, of, h.ino, idx)
                         if kind == "blk":
                             ahead.append(what)
                     h.ahead = max(h.ahead, stop - 1)
                 h.read_end = end
-            gen = self.devices.read_begin()
-        for _, dev, off, slen, _, _ in ahead:
-            self.devices.devices[dev].prefetch(off, slen)
-        return self._verified(gen, h.ino, self._assemble, parts)
+            self._accessed[h.ino] = now_ns()
+            self.counters["cache_hits"] += sum(1 for p in parts if p[0] == "cached")
+            if ahead:
+                self._read_ahead_locked(ahead)
+            return (self.devices.read_begin() if device else None), h.ino, parts
 
     def _verified(self, gen: int, ino: int, fn, *args):
         """fn(*args) as a read registered as `gen` (read_begin), ended here. A damaged block
@@ -1724,13 +1834,16 @@ class Warehouse(SharedFiles):
         self._quarantine(failed, ino)
         raise failed
 
-    def _assemble(self, parts: list) -> bytes:
-        """The bytes of a read from its resolved parts (see read)."""
-        if len(parts) == 1 and parts[0][0] == "blk":
-            _, loc, lo, hi = parts[0]
-            data = self._fetch(loc)
+    def _assemble(self, parts: list):
+        """The bytes of a read from its resolved parts (see _plan): a memoryview of one
+        block where the read lies in one, else a bytearray (the FUSE layer takes either)."""
+        if len(parts) == 1 and parts[0][0] in ("blk", "cached"):
+            kind, what, lo, hi = parts[0]
+            data = what if kind == "cached" else self._fetch(what)
             if hi <= len(data):
-                return data[lo:hi] if (lo, hi) != (0, len(data)) else data
+                return memoryview(data)[lo:hi] if (lo, hi) != (0, len(data)) else data
+        if not parts:
+            return b""
         out = bytearray()
         for kind, what, lo, hi in parts:
             if kind == "data":
@@ -1738,12 +1851,12 @@ class Warehouse(SharedFiles):
             elif kind == "zero":
                 out += bytes(hi - lo)
             else:
-                data = self._fetch(what)
-                chunk = data[lo:hi]
+                data = what if kind == "cached" else self._fetch(what)
+                chunk = memoryview(data)[lo:hi]
                 out += chunk
                 if len(chunk) < hi - lo:
                     out += bytes(hi - lo - len(chunk))
-        return bytes(out)
+        return out
 
     def _load_block(self, of: OpenFile, idx: int) -> bytearray:
         """Block `idx` as a dirty buffer: its stored bytes (none for a hole)."""

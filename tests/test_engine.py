@@ -348,7 +348,7 @@ def test_threaded_readers_never_see_mixed_or_corrupt_blocks(tmp_path):
         rfh = w.open(ino.ino)
         try:
             while not stop.is_set():
-                data = w.read(rfh, 0, 4 * BS)
+                data = bytes(w.read(rfh, 0, 4 * BS))  # (a bytes-like object)
                 for i in range(0, len(data), BS):
                     chunk = data[i:i + BS]
                     if len(chunk) == BS and chunk not in versions:
@@ -482,5 +482,65 @@ def test_close_frees_blocks_an_unfinished_upload_still_held(tmp_path):
     w.unlink(M.ROOT_INO, b"f")
     with w.meta.begin() as txn:  # kept by the hold alone
         assert w.meta.get_block(txn, snap.held[0]).refcount == 0
+    w.close()
+    assert _fsck_clean(path) == []
+
+
+def _distinct_blocks_file(w, name, n):
+    fh, inode = w.create(M.ROOT_INO, name, 0o644, 0, 0)
+    for i in range(n):
+        w.write(fh, i * BS, bytes([i + 1]) * BS)
+    w.release(fh)
+    w.drop_cache()
+    return inode.ino
+
+
+def test_a_sequential_reader_is_read_ahead_each_block_once_then_served_from_the_cache(tmp_path):
+    path = _fresh(tmp_path)
+    w = Warehouse(path)
+    n = 40
+    ino = _distinct_blocks_file(w, b"seq", n)
+    fh = w.open(ino)
+    for i in range(n):
+        assert w.read(fh, i * BS, BS) == bytes([i + 1]) * BS
+    c = w.stats()["counters"]
+    assert c["device_reads"] == n  # each block read from its device once: read-ahead or reader
+    assert c["read_ahead_blocks"] >= n // 2
+    # All of it is in the daemon's cache now: answered with no device read (the FUSE
+    # layer does it without a thread hop); after a cache drop, read_cached declines.
+    assert w.read_cached(fh, 3 * BS + 10, BS) == bytes([4]) * (BS - 10) + bytes([5]) * 10
+    assert w.stats()["counters"]["device_reads"] == n
+    w.drop_cache()
+    assert w.read_cached(fh, 7 * BS, BS) is None
+    assert w.read(fh, 7 * BS, BS) == bytes([8]) * BS
+    w.release(fh)
+    w.close()
+
+
+def test_a_damaged_block_met_by_read_ahead_still_fails_its_reader(tmp_path):
+    import time
+    from kvfs.errors import Corrupt as CorruptError, NotFound
+
+    path = _fresh(tmp_path)
+    w = Warehouse(path)
+    ino = _distinct_blocks_file(w, b"f", 12)
+    with w.meta.begin() as txn:
+        rec = w.meta.get_block(txn, txn.get(M.bmap_key(ino, 3), db=w.meta.db["bmap"]))
+    os.pwrite(w.devices.devices[rec.dev].fd, b"\xff", rec.offset + 7)
+    fh = w.open(ino)
+    assert w.read(fh, 0, BS) == bytes([1]) * BS  # starts reading ahead: blocks 1-11
+    deadline = time.monotonic() + 10
+    while w.counters["read_ahead_errors"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert w.counters["read_ahead_errors"] == 1  # read ahead, failed, not cached, not reported yet
+    assert w.counters["corrupt_blocks"] == 0
+    for i in (1, 2):
+        assert w.read(fh, i * BS, BS) == bytes([i + 1]) * BS
+    with pytest.raises(CorruptError):
+        w.read(fh, 3 * BS, BS)  # the reader reads it itself and gets EIO
+    assert w.counters["corrupt_blocks"] == 1 and w.stats()["quarantined_blocks"] == 1
+    with pytest.raises(NotFound):
+        w.lookup(M.ROOT_INO, b"f")  # the file holding it is dropped
+    w.release(fh)
     w.close()
     assert _fsck_clean(path) == []
