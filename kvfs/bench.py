@@ -110,6 +110,37 @@ def _read_files(paths: list[str], direct: bool) -> float:
     return time.perf_counter() - t
 
 
+def create_rate(d: str, n: int) -> float:
+    """Make directory d with n empty files (open O_CREAT, close): files per second."""
+    os.makedirs(d)
+    t = time.perf_counter()
+    for i in range(n):
+        os.close(os.open(os.path.join(d, f"{i:032x}.bin"), os.O_CREAT | os.O_WRONLY, 0o644))
+    return n / (time.perf_counter() - t)
+
+
+def lookup_names(n: int, lookups: int, seed: int) -> tuple[list[str], list[str]]:
+    """Names of create_rate's files to look up, and as many names that are not there."""
+    rng = random.Random(seed)
+    names = [f"{rng.randrange(n):032x}.bin" for _ in range(lookups)]
+    missing = [f"{rng.getrandbits(127) | 1 << 127:032x}.bin" for _ in range(lookups)]
+    return names, missing
+
+
+def stat_rate(d: str, names: list[str]) -> float:
+    t = time.perf_counter()
+    for name in names:
+        os.stat(os.path.join(d, name))
+    return len(names) / (time.perf_counter() - t)
+
+
+def miss_rate(d: str, names: list[str]) -> float:
+    t = time.perf_counter()
+    for name in names:
+        os.path.exists(os.path.join(d, name))
+    return len(names) / (time.perf_counter() - t)
+
+
 def _files(d: str) -> list[str]:
     return sorted(os.path.join(d, f) for f in os.listdir(d))
 
@@ -218,27 +249,13 @@ class Bench:
         creates, hits, misses = {"raw": [], "kvfs": []}, {"raw": [], "kvfs": []}, {"raw": [], "kvfs": []}
         dirs = self._dirs("meta")
         for side in ("raw", "kvfs"):  # one big directory each, made once
-            d = dirs[side]
-            os.makedirs(d)
-            t = time.perf_counter()
-            for i in range(n):
-                os.close(os.open(os.path.join(d, f"{i:032x}.bin"), os.O_CREAT | os.O_WRONLY, 0o644))
-            creates[side].append(n / (time.perf_counter() - t))
+            creates[side].append(create_rate(dirs[side], n))
         for rep in range(self.scale.reps):
-            rng = random.Random(rep)
-            names = [f"{rng.randrange(n):032x}.bin" for _ in range(lookups)]
-            missing = [f"{rng.getrandbits(127) | 1 << 127:032x}.bin" for _ in range(lookups)]
+            names, missing = lookup_names(n, lookups, rep)
             for side in (("raw", "kvfs") if rep % 2 == 0 else ("kvfs", "raw")):
-                d = dirs[side]
                 drop_caches()
-                t = time.perf_counter()
-                for name in names:
-                    os.stat(os.path.join(d, name))
-                hits[side].append(lookups / (time.perf_counter() - t))
-                t = time.perf_counter()
-                for name in missing:
-                    os.path.exists(os.path.join(d, name))
-                misses[side].append(lookups / (time.perf_counter() - t))
+                hits[side].append(stat_rate(dirs[side], names))
+                misses[side].append(miss_rate(dirs[side], missing))
         for side in ("raw", "kvfs"):
             shutil.rmtree(dirs[side])
         self.add(f"create, directory of {n:,} entries", "ops/s", creates, 0.3)

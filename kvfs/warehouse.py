@@ -1527,9 +1527,16 @@ class Warehouse(SharedFiles):
             of.writers += write
             fh = self._next_fh
             self._next_fh += 1
-            self._handles[fh] = Handle(ino, write, append)
+            h = self._handles[fh] = Handle(ino, write, append)
             self._accessed[ino] = now_ns()
             self._opens[ino] += 1
+            if not write and of.size:
+                # Clients read cached KV whole: its first blocks are on their way from the
+                # devices while the first read request is still in the kernel.
+                h.ahead = min(self._ahead_blocks(), -(-of.size // self.block_size)) - 1
+                locs = [what for kind, what in (self._resolve(txn, of, ino, idx) for idx in range(h.ahead + 1))
+                        if kind == "blk"]
+                self._read_ahead_locked(locs)
             return fh
 
     def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
@@ -1667,6 +1674,9 @@ class Warehouse(SharedFiles):
                     self._cache_bytes -= len(old)
         return data
 
+    def _ahead_blocks(self) -> int:
+        return max(1, min(32, READ_AHEAD_BYTES // self.block_size))
+
     def _read_ahead_locked(self, locs: list) -> None:
         """Have the read-ahead threads fetch these blocks into the block cache. Called
         under the lock that resolved them (so no free of theirs is reused before their
@@ -1675,6 +1685,8 @@ class Warehouse(SharedFiles):
             self._ahead_pool = concurrent.futures.ThreadPoolExecutor(READ_AHEAD_THREADS, "kvfs-ahead")
         for loc in locs:
             h = loc[0]
+            if (h, loc[1], loc[2]) in self.bad_blocks:
+                continue
             with self._cache_lock:
                 if h in self._cache or h in self._fetching:
                     continue
@@ -1808,7 +1820,7 @@ class Warehouse(SharedFiles):
                 # while this request is answered.
                 if abs(offset - h.read_end) <= bs:
                     last = (end - 1) // bs
-                    stop = min(last + 1 + max(1, min(32, READ_AHEAD_BYTES // bs)), (fsize + bs - 1) // bs)
+                    stop = min(last + 1 + self._ahead_blocks(), (fsize + bs - 1) // bs)
                     for idx in range(max(last + 1, h.ahead + 1), stop):
                         kind, what = self._resolve(txn, of, h.ino, idx)
                         if kind == "blk":

@@ -193,3 +193,23 @@ def test_bench_runs_every_workload_and_reports_ratios():
         assert r["raw"] and r["kvfs"] and r["ratio"] > 0, r
     assert report["machine"]["cpus"] == os.cpu_count() and len(WORKLOADS) == 6
     assert "| workload |" in run_kvfs("bench", "--scale", "quick", "--only", "space", "--markdown").stdout
+
+
+def test_fusefloor_mounts_a_null_filesystem_and_reports_each_workload():
+    """scripts/fusefloor.py (the pyfuse3 floor printed in BENCHMARKS.md) runs: it mounts
+    its null filesystem for real, measures it and the raw disk, and unmounts."""
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "fusefloor.py")
+    res = subprocess.run([sys.executable, script, "--scale", "quick", "--markdown"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rows = [line.split("|")[1:-1] for line in res.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    wanted = ("create,", "lookup hit", "lookup miss", "read 32 MiB files, cold", "read 32 MiB files, warm")
+    assert len(rows) == len(wanted)
+    for want, r in zip(wanted, rows):
+        assert r[0].strip().startswith(want), r
+    for r in rows:
+        assert float(r[2].replace(",", "")) > 0 and float(r[3].replace(",", "")) > 0, r
+    with open("/proc/self/mountinfo") as f:
+        assert "nullfs" not in f.read()  # unmounted again

@@ -504,8 +504,10 @@ def test_a_sequential_reader_is_read_ahead_each_block_once_then_served_from_the_
     for i in range(n):
         assert w.read(fh, i * BS, BS) == bytes([i + 1]) * BS
     c = w.stats()["counters"]
-    assert c["device_reads"] == n  # each block read from its device once: read-ahead or reader
-    assert c["read_ahead_blocks"] >= n // 2
+    assert c["device_reads"] == n  # each block read from its device once
+    # Every block was read ahead (the first ones from the open): by a read-ahead thread, or
+    # by the reader itself when it needed one that had not started yet.
+    assert c.get("read_ahead_blocks", 0) + c.get("read_ahead_late", 0) == n and c.get("read_ahead_blocks", 0) > 0
     # All of it is in the daemon's cache now: answered with no device read (the FUSE
     # layer does it without a thread hop); after a cache drop, read_cached declines.
     assert w.read_cached(fh, 3 * BS + 10, BS) == bytes([4]) * (BS - 10) + bytes([5]) * 10
@@ -528,7 +530,7 @@ def test_a_damaged_block_met_by_read_ahead_still_fails_its_reader(tmp_path):
         rec = w.meta.get_block(txn, txn.get(M.bmap_key(ino, 3), db=w.meta.db["bmap"]))
     os.pwrite(w.devices.devices[rec.dev].fd, b"\xff", rec.offset + 7)
     fh = w.open(ino)
-    assert w.read(fh, 0, BS) == bytes([1]) * BS  # starts reading ahead: blocks 1-11
+    assert w.read(fh, 0, BS) == bytes([1]) * BS  # (the open started reading ahead: blocks 0-11)
     deadline = time.monotonic() + 10
     while w.counters["read_ahead_errors"] == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
