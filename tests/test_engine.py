@@ -546,3 +546,61 @@ def test_a_damaged_block_met_by_read_ahead_still_fails_its_reader(tmp_path):
     w.release(fh)
     w.close()
     assert _fsck_clean(path) == []
+
+
+def test_read_ahead_racing_rewrites_that_free_and_reuse_extents_serves_no_wrong_block(tmp_path):
+    """Read-ahead fetches blocks no reader has asked for yet. Rewrites free the old blocks
+    and checkpoints let their extents be reused at once: a read-ahead must never pick up
+    another block's bytes (wrong data, or a false 'damaged' that quarantines a sound
+    block and drops the file)."""
+    import threading
+
+    path = _fresh(tmp_path)
+    w = Warehouse(path)
+    n = 24
+
+    def block(v, idx):
+        return bytes([v, idx]) * (BS // 2)
+
+    fh, ino = w.create(M.ROOT_INO, b"f", 0o644, 0, 0)
+    for idx in range(n):
+        w.write(fh, idx * BS, block(1, idx))
+    w.release(fh)
+    stop = threading.Event()
+    errors = []
+    reads = [0]
+
+    def reader():
+        try:
+            while not stop.is_set():
+                rfh = w.open(ino.ino)  # (starts reading ahead)
+                try:
+                    for idx in range(n):
+                        chunk = bytes(w.read(rfh, idx * BS, BS))
+                        if chunk[1:2] != bytes([idx]) or chunk != block(chunk[0], idx):
+                            errors.append(f"block {idx}: wrong bytes {chunk[:4]!r}")
+                        reads[0] += 1
+                finally:
+                    w.release(rfh)
+        except Exception as exc:  # noqa: BLE001 - any error is a failure here
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for v in range(2, 60):
+        wfh = w.open(ino.ino, write=True)
+        for idx in range(n):
+            w.write(wfh, idx * BS, block(v, idx))
+        w.release(wfh)
+        w.checkpoint()  # the old extents are reusable by the next rewrite
+        w.drop_cache()  # and reads go to the devices
+    stop.set()
+    for t in threads:
+        t.join()
+    c = w.stats()["counters"]
+    w.close()
+    assert errors == []
+    assert c.get("corrupt_blocks", 0) == 0 and c.get("read_ahead_errors", 0) == 0
+    assert c.get("read_ahead_blocks", 0) > 0 and reads[0] > 3 * n
+    assert _fsck_clean(path) == []
