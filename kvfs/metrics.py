@@ -25,6 +25,7 @@ COUNTERS = {
     "read_ahead_blocks": ("kvfs_read_ahead_blocks", "Blocks read ahead of sequential readers into the block cache."),
     "read_ahead_waits": ("kvfs_read_ahead_waits", "Reads that waited for a block being read ahead."),
     "read_ahead_late": ("kvfs_read_ahead_late", "Blocks a reader needed before read-ahead had started them."),
+    "read_ahead_wasted": ("kvfs_read_ahead_wasted", "Blocks read ahead and pushed out of the cache before any reader used them."),
     "read_ahead_errors": ("kvfs_read_ahead_errors", "Read-ahead reads that failed (the reader that needs the block reads it again)."),
     "corrupt_blocks": ("kvfs_corrupt_blocks", "Blocks that failed verification (served as EIO)."),
     "quarantined_files": ("kvfs_quarantined_files", "Files dropped because they held a damaged block."),

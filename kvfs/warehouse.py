@@ -86,6 +86,7 @@ INLINE_EVICT_BYTES = 32 << 20  # a writer that finds no room evicts at least thi
 REAP_BATCH = 512  # entries deleted per transaction by retire
 READ_AHEAD_BYTES = 8 << 20  # how far ahead of a sequential reader blocks are fetched into the block cache
 READ_AHEAD_THREADS = 4  # threads reading ahead: the devices see this many reads at once (besides readers')
+READ_AHEAD_UNUSED_S = 2.0  # blocks read ahead and not read within this long stop limiting read-ahead
 CONTROL_NAME = b".kvfs"  # the control directory in the mount's root (kvfs.fs serves it)
 PIN_XATTR = b"user.kvfs.pin"
 TTL_XATTR = b"user.kvfs.ttl"
@@ -270,6 +271,8 @@ class Warehouse(SharedFiles):
         self._cache_bytes = 0
         self._cache_lock = threading.Lock()
         self._fetching: dict[bytes, _Fetching] = {}  # blocks being read ahead (_cache_lock)
+        # Blocks read ahead into the cache and not read yet -> when (_cache_lock)
+        self._unused: collections.OrderedDict[bytes, float] = collections.OrderedDict()
         self._ahead_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.bad_blocks: set[tuple[bytes, int, int]] = set()  # (hash, device, offset)
         # Inodes whose unpublished changes were dropped: a client (the kernel) may cache
@@ -1533,10 +1536,8 @@ class Warehouse(SharedFiles):
             if not write and of.size:
                 # Clients read cached KV whole: its first blocks are on their way from the
                 # devices while the first read request is still in the kernel.
-                h.ahead = min(self._ahead_blocks(), -(-of.size // self.block_size)) - 1
-                locs = [what for kind, what in (self._resolve(txn, of, ino, idx) for idx in range(h.ahead + 1))
-                        if kind == "blk"]
-                self._read_ahead_locked(locs)
+                h.ahead = self._read_ahead_locked(
+                    ino, of, txn, 0, min(self._ahead_blocks(), -(-of.size // self.block_size)))
             return fh
 
     def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
@@ -1624,6 +1625,7 @@ class Warehouse(SharedFiles):
                 data = self._cache.get(h)
                 if data is not None:
                     self._cache.move_to_end(h)
+                    self._unused.pop(h, None)
                     self.counters["cache_hits"] += 1
                     return data
                 job = self._fetching.get(h)
@@ -1648,8 +1650,9 @@ class Warehouse(SharedFiles):
                 del self._fetching[h]
         job.done.set()
 
-    def _read_block(self, loc) -> bytes:
-        """Read a block from its device, verify it and keep it in the block cache."""
+    def _read_block(self, loc, ahead: bool = False) -> bytes:
+        """Read a block from its device, verify it and keep it in the block cache.
+        ahead: for read-ahead (its failures are counted by the reader that reads again)."""
         h, dev, off, slen, rlen, codec = loc
         if (h, dev, off) in self.bad_blocks:
             raise Damaged(f"block {h.hex()} is quarantined (failed verification earlier)", loc)
@@ -1658,7 +1661,8 @@ class Warehouse(SharedFiles):
         except Corrupt as exc:  # (a short read)
             raise Damaged(str(exc), loc) from None
         except KvfsError:
-            self.counters["device_errors"] += 1
+            if not ahead:
+                self.counters["device_errors"] += 1
             raise
         try:
             data = codecs.decode(stored, codec, rlen, h)
@@ -1669,31 +1673,58 @@ class Warehouse(SharedFiles):
             if h not in self._cache:
                 self._cache[h] = data
                 self._cache_bytes += len(data)
+                if ahead:
+                    self._unused[h] = time.monotonic()
                 while self._cache_bytes > BLOCK_CACHE_BYTES:
-                    _, old = self._cache.popitem(last=False)
+                    old_h, old = self._cache.popitem(last=False)
                     self._cache_bytes -= len(old)
+                    if self._unused.pop(old_h, None) is not None:
+                        self.counters["read_ahead_wasted"] += 1
         return data
 
     def _ahead_blocks(self) -> int:
         return max(1, min(32, READ_AHEAD_BYTES // self.block_size))
 
-    def _read_ahead_locked(self, locs: list) -> None:
-        """Have the read-ahead threads fetch these blocks into the block cache. Called
-        under the lock that resolved them (so no free of theirs is reused before their
-        reads are registered), each registered as a read (read_begin) of its own."""
-        if self._ahead_pool is None:
-            self._ahead_pool = concurrent.futures.ThreadPoolExecutor(READ_AHEAD_THREADS, "kvfs-ahead")
-        for loc in locs:
-            h = loc[0]
-            if (h, loc[1], loc[2]) in self.bad_blocks:
-                continue
-            with self._cache_lock:
-                if h in self._cache or h in self._fetching:
-                    continue
-                if len(self._fetching) * self.block_size >= BLOCK_CACHE_BYTES // 2:
-                    return  # many readers at once: reading further ahead would push out of the cache what they are about to read
-                job = self._fetching[h] = _Fetching()
-            self._ahead_pool.submit(self._read_ahead, self.devices.read_begin(), loc, job)
+    def _read_ahead_locked(self, ino: int, of: OpenFile, txn, first: int, stop: int) -> int:
+        """Have the read-ahead threads fetch blocks first..stop-1 of a file into the block
+        cache; returns the last index dealt with (queued, cached or in flight already, or
+        a hole), first - 1 if none. Called under the lock whose transaction `txn` resolves
+        them, so that no free of theirs is reused before their reads are registered
+        (read_begin, each its own). Advisory: it stops early when as much as half the block
+        cache is in flight or read ahead and not read yet (many readers at once), or at a
+        block it cannot resolve (the read of that block reports it), and never raises."""
+        done = first - 1
+        for idx in range(first, stop):
+            try:
+                kind, loc = self._resolve(txn, of, ino, idx)
+            except KvfsError:
+                break
+            if kind == "blk" and (loc[0], loc[1], loc[2]) not in self.bad_blocks:
+                h = loc[0]
+                with self._cache_lock:
+                    if h not in self._cache and h not in self._fetching:
+                        # (blocks read ahead for a reader that went away stop counting)
+                        old = time.monotonic() - READ_AHEAD_UNUSED_S
+                        while self._unused and next(iter(self._unused.values())) < old:
+                            self._unused.popitem(last=False)
+                        if (len(self._fetching) + len(self._unused)) * self.block_size >= BLOCK_CACHE_BYTES // 2:
+                            break
+                        job = self._fetching[h] = _Fetching()
+                    else:
+                        job = None
+                if job is not None:
+                    gen = self.devices.read_begin()
+                    try:
+                        if self._ahead_pool is None:
+                            self._ahead_pool = concurrent.futures.ThreadPoolExecutor(READ_AHEAD_THREADS, "kvfs-ahead")
+                        self._ahead_pool.submit(self._read_ahead, gen, loc, job)
+                    except RuntimeError as exc:  # no thread could be started, or closing
+                        self.devices.read_end(gen)
+                        self._fetched(h, job)
+                        log.warning("read-ahead not started: %s", exc)
+                        break
+            done = idx
+        return done
 
     def _read_ahead(self, gen: int, loc, job: _Fetching) -> None:
         try:
@@ -1702,7 +1733,7 @@ class Warehouse(SharedFiles):
                     return  # a reader took it over
                 job.started = True
             try:
-                self._read_block(loc)
+                self._read_block(loc, ahead=True)
                 self.counters["read_ahead_blocks"] += 1
             except KvfsError:
                 self.counters["read_ahead_errors"] += 1  # a reader that needs it reads it again and reports
@@ -1761,6 +1792,7 @@ class Warehouse(SharedFiles):
         with self._cache_lock:
             self._cache.clear()
             self._cache_bytes = 0
+            self._unused.clear()
 
     def read(self, fh: int, offset: int, size: int):
         """The bytes of a read (a bytes-like object: bytes, a memoryview of a cached block
@@ -1785,7 +1817,11 @@ class Warehouse(SharedFiles):
         if offset < 0 or size < 0:
             raise Invalid("negative offset or size")
         bs = self.block_size
-        with self._lock:
+        # On the event loop (cached_only) never wait for the lock: a checkpoint holds it
+        # through device and metadata syncs. The read then takes the thread path.
+        if not self._lock.acquire(blocking=not cached_only):
+            return None
+        try:
             h = self._handle(fh)
             of = self._open.get(h.ino)
             fsize = of.size
@@ -1793,8 +1829,8 @@ class Warehouse(SharedFiles):
             if offset >= end:
                 return None, h.ino, []
             parts = []
-            ahead = []
             device = False
+            hits = 0
             with self.meta.begin() as txn:
                 for idx in range(offset // bs, (end - 1) // bs + 1):
                     base = idx * bs
@@ -1808,30 +1844,32 @@ class Warehouse(SharedFiles):
                         with self._cache_lock:
                             data = self._cache.get(what[0])
                             if data is not None:
-                                self._cache.move_to_end(what[0])
+                                # A block read to its end is done with (other readers of
+                                # the file have the kernel's page cache): first to go.
+                                self._cache.move_to_end(what[0], last=hi < len(data))
+                                self._unused.pop(what[0], None)
                         if data is not None:
                             kind, what = "cached", data
+                            hits += 1
                         elif cached_only:
                             return None
                         else:
                             device = True
                     parts.append((kind, what, lo, hi))
-                # A sequential reader's next blocks are read ahead into the block cache
-                # while this request is answered.
+                last = (end - 1) // bs
                 if abs(offset - h.read_end) <= bs:
-                    last = (end - 1) // bs
+                    # A sequential reader's next blocks are read ahead into the block cache
+                    # while this request is answered.
                     stop = min(last + 1 + self._ahead_blocks(), (fsize + bs - 1) // bs)
-                    for idx in range(max(last + 1, h.ahead + 1), stop):
-                        kind, what = self._resolve(txn, of, h.ino, idx)
-                        if kind == "blk":
-                            ahead.append(what)
-                    h.ahead = max(h.ahead, stop - 1)
+                    h.ahead = max(h.ahead, self._read_ahead_locked(h.ino, of, txn, max(last + 1, h.ahead + 1), stop))
+                else:
+                    h.ahead = last  # a seek: reading ahead starts again from here
                 h.read_end = end
             self._accessed[h.ino] = now_ns()
-            self.counters["cache_hits"] += sum(1 for p in parts if p[0] == "cached")
-            if ahead:
-                self._read_ahead_locked(ahead)
+            self.counters["cache_hits"] += hits
             return (self.devices.read_begin() if device else None), h.ino, parts
+        finally:
+            self._lock.release()
 
     def _verified(self, gen: int, ino: int, fn, *args):
         """fn(*args) as a read registered as `gen` (read_begin), ended here. A damaged block

@@ -604,3 +604,74 @@ def test_read_ahead_racing_rewrites_that_free_and_reuse_extents_serves_no_wrong_
     assert c.get("corrupt_blocks", 0) == 0 and c.get("read_ahead_errors", 0) == 0
     assert c.get("read_ahead_blocks", 0) > 0 and reads[0] > 3 * n
     assert _fsck_clean(path) == []
+
+
+def test_many_sequential_readers_read_each_block_from_the_devices_once(tmp_path):
+    """Eight readers of eight files at once want more read-ahead than the block cache
+    holds: read-ahead is capped, and blocks a reader is done with go first, so what was
+    read ahead is not pushed out before its reader gets there (each block read once)."""
+    import threading
+
+    bs, readers, per_file = 256 << 10, 8, 64
+    path = str(tmp_path / "w")
+    Warehouse.mkfs(path, devices=[("a.img", 256 << 20)], block_size=bs)
+    w = Warehouse(path)
+    inos = []
+    for f in range(readers):
+        fh, ino = w.create(M.ROOT_INO, b"f%d" % f, 0o644, 0, 0)
+        for i in range(per_file):
+            w.write(fh, i * bs, bytes([f + 1, i]) * (bs // 2))
+        w.release(fh)
+        inos.append(ino.ino)
+    w.drop_cache()
+    wrong = []
+
+    def reader(f):
+        fh = w.open(inos[f])
+        for i in range(per_file):
+            for off in range(0, bs, 128 << 10):  # as FUSE asks: 128 KiB at a time
+                got = w.read_cached(fh, i * bs + off, 128 << 10)
+                if got is None:
+                    got = w.read(fh, i * bs + off, 128 << 10)
+                if bytes(got) != bytes([f + 1, i]) * (64 << 10):
+                    wrong.append((f, i, off))
+        w.release(fh)
+
+    threads = [threading.Thread(target=reader, args=(f,)) for f in range(readers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    c = w.stats()["counters"]
+    w.close()
+    assert wrong == []
+    blocks = readers * per_file
+    # (before the cap and the demotion: 737 device reads of these 512 blocks)
+    assert blocks <= c["device_reads"] <= blocks + blocks // 20, c
+    assert c.get("read_ahead_blocks", 0) > blocks // 2
+
+
+def test_read_ahead_that_cannot_start_leaves_no_read_registered(tmp_path):
+    """Read-ahead is advice: if its thread cannot start, the open still succeeds and no
+    read stays registered (that would keep every extent freed later from being reused)."""
+    path = _fresh(tmp_path)
+    w = Warehouse(path)
+    ino = _distinct_blocks_file(w, b"f", 4)
+    w.release(w.open(ino))  # (the pool exists now)
+    w._ahead_pool.submit(lambda: None).result()
+    w._ahead_pool.shutdown(wait=True)  # (its read-ahead is over; submit refuses from now on)
+    assert w.devices._readers == {}
+    w.drop_cache()
+
+    fh = w.open(ino)
+    assert w.read(fh, 0, BS) == bytes([1]) * BS
+    w.release(fh)
+    assert w.devices._readers == {} and w._fetching == {}
+    fh, _ = w.create(M.ROOT_INO, b"g", 0o644, 0, 0)
+    w.write(fh, 0, b"x" * BS)
+    w.release(fh)
+    w.checkpoint()
+    w.unlink(M.ROOT_INO, b"g")
+    w.checkpoint()
+    assert w.devices.deferred_bytes == 0  # the freed extent is reusable
+    w.close()
