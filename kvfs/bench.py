@@ -35,7 +35,7 @@ class Scale:
 
 SCALES = {
     "quick": Scale(total=64 * MiB, entries=2_000, lookups=1_000, prompts=4, reps=1),
-    "standard": Scale(total=512 * MiB, entries=100_000, lookups=20_000, prompts=16, reps=3),
+    "standard": Scale(total=512 * MiB, entries=100_000, lookups=20_000, prompts=16, reps=5),
     "full": Scale(total=1024 * MiB, entries=1_000_000, lookups=50_000, prompts=32, reps=3),
 }
 
