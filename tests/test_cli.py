@@ -213,3 +213,26 @@ def test_fusefloor_mounts_a_null_filesystem_and_reports_each_workload():
         assert float(r[2].replace(",", "")) > 0 and float(r[3].replace(",", "")) > 0, r
     with open("/proc/self/mountinfo") as f:
         assert "nullfs" not in f.read()  # unmounted again
+
+
+def test_abread_interleaves_cold_reads_through_two_mounts_and_a_raw_directory(make_mount, tmp_path):
+    """scripts/abread.py (the A/B of two daemon versions behind BENCHMARKS.md's cold-read
+    figures) reads through real mounts and a raw directory, alternating, and reports each."""
+    import sys
+
+    a, b = make_mount("a"), make_mount("b")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "abread.py")
+    res = subprocess.run([sys.executable, script, "--side", f"a={a.path}", "--side", f"b={b.path}",
+                          "--side", f"raw={raw}", "--size-mib", "2", "--total-mib", "8", "--reps", "2", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["files"] == 4 and set(out["sides"]) == {"a", "b", "raw"}
+    for side in out["sides"].values():
+        assert len(side["samples"]) == 2 and side["median_mbps"] > 0
+    for d in (a.path, b.path, str(raw)):
+        assert sorted(os.listdir(os.path.join(d, "abread-2"))) == [f"f{i:06d}" for i in range(4)]
+    bad = subprocess.run([sys.executable, script, "--side", f"a={a.path}"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "two or more --side" in bad.stderr
