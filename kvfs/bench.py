@@ -91,10 +91,12 @@ def _write_files(d: str, size: int, count: int, direct: bool, seed: int) -> floa
     for i in range(count):
         buf = _buffer(size, seed * 100_000 + i)
         fd = os.open(os.path.join(d, f"f{i:06d}"), flags, 0o644)
-        for off in range(0, size, MiB):
-            os.write(fd, memoryview(buf)[off:off + MiB])
-        os.fsync(fd)
-        os.close(fd)
+        try:
+            for off in range(0, size, MiB):
+                os.write(fd, memoryview(buf)[off:off + MiB])
+            os.fsync(fd)
+        finally:  # (an open file would keep the mount busy at cleanup)
+            os.close(fd)
         buf.close()
     return time.perf_counter() - t
 
@@ -105,9 +107,11 @@ def _read_files(paths: list[str], direct: bool) -> float:
     t = time.perf_counter()
     for p in paths:
         fd = os.open(p, flags)
-        while os.readv(fd, [buf]) > 0:
-            pass
-        os.close(fd)
+        try:
+            while os.readv(fd, [buf]) > 0:
+                pass
+        finally:
+            os.close(fd)
     return time.perf_counter() - t
 
 

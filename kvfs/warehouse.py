@@ -167,12 +167,16 @@ class Handle:
 class _Fetching:
     """A block a read-ahead thread was asked to fetch. Whoever starts it first reads it
     (the read-ahead thread, or a reader that needs it now and finds it not started); later
-    ones wait for `done` and take it from the block cache."""
+    ones wait for `done` and take it from the block cache. Its read registration
+    (read_begin) is ended exactly once (`ended`), by the read-ahead task, or where the task
+    could not be started."""
 
-    __slots__ = ("started", "done")
+    __slots__ = ("started", "ahead", "ended", "done")
 
     def __init__(self):
-        self.started = False
+        self.started = False  # claimed, by a reader or by the read-ahead task
+        self.ahead = False  # claimed by the read-ahead task
+        self.ended = False
         self.done = threading.Event()
 
 
@@ -273,6 +277,7 @@ class Warehouse(SharedFiles):
         self._fetching: dict[bytes, _Fetching] = {}  # blocks being read ahead (_cache_lock)
         # Blocks read ahead into the cache and not read yet -> when (_cache_lock)
         self._unused: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+        self._served: dict[bytes, int] = {}  # bytes of a cached block answered so far (_cache_lock)
         self._ahead_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.bad_blocks: set[tuple[bytes, int, int]] = set()  # (hash, device, offset)
         # Inodes whose unpublished changes were dropped: a client (the kernel) may cache
@@ -1678,6 +1683,7 @@ class Warehouse(SharedFiles):
                 while self._cache_bytes > BLOCK_CACHE_BYTES:
                     old_h, old = self._cache.popitem(last=False)
                     self._cache_bytes -= len(old)
+                    self._served.pop(old_h, None)
                     if self._unused.pop(old_h, None) is not None:
                         self.counters["read_ahead_wasted"] += 1
         return data
@@ -1697,12 +1703,15 @@ class Warehouse(SharedFiles):
         for idx in range(first, stop):
             try:
                 kind, loc = self._resolve(txn, of, ino, idx)
-            except KvfsError:
+            except Exception:  # (a damaged record: the read of that block reports it)
                 break
             if kind == "blk" and (loc[0], loc[1], loc[2]) not in self.bad_blocks:
                 h = loc[0]
                 with self._cache_lock:
-                    if h not in self._cache and h not in self._fetching:
+                    if h in self._cache:
+                        self._cache.move_to_end(h)  # (wanted again: not first to go)
+                        job = None
+                    elif h not in self._fetching:
                         # (blocks read ahead for a reader that went away stop counting)
                         old = time.monotonic() - READ_AHEAD_UNUSED_S
                         while self._unused and next(iter(self._unused.values())) < old:
@@ -1719,19 +1728,34 @@ class Warehouse(SharedFiles):
                             self._ahead_pool = concurrent.futures.ThreadPoolExecutor(READ_AHEAD_THREADS, "kvfs-ahead")
                         self._ahead_pool.submit(self._read_ahead, gen, loc, job)
                     except RuntimeError as exc:  # no thread could be started, or closing
-                        self.devices.read_end(gen)
-                        self._fetched(h, job)
+                        # The task may be queued all the same (a thread that exists runs
+                        # it later) or never run: unless it is running now, end its
+                        # registration here and keep it from reading.
+                        with self._cache_lock:
+                            running, claimed = job.ahead, job.started
+                            job.started = True
+                        if not running:
+                            self._end_ahead_read(gen, job)
+                            if not claimed:
+                                self._fetched(h, job)
                         log.warning("read-ahead not started: %s", exc)
                         break
             done = idx
         return done
 
+    def _end_ahead_read(self, gen: int, job: _Fetching) -> None:
+        with self._cache_lock:
+            if job.ended:
+                return
+            job.ended = True
+        self.devices.read_end(gen)
+
     def _read_ahead(self, gen: int, loc, job: _Fetching) -> None:
         try:
             with self._cache_lock:
                 if job.started:
-                    return  # a reader took it over
-                job.started = True
+                    return  # a reader took it over (or it was called off)
+                job.started = job.ahead = True
             try:
                 self._read_block(loc, ahead=True)
                 self.counters["read_ahead_blocks"] += 1
@@ -1742,7 +1766,7 @@ class Warehouse(SharedFiles):
             finally:
                 self._fetched(loc[0], job)
         finally:
-            self.devices.read_end(gen)
+            self._end_ahead_read(gen, job)
 
     def _quarantine(self, damage: "Damaged", ino: int) -> None:
         """Remember (in LMDB) that the stored copy of a block is damaged, so that it is never
@@ -1793,6 +1817,7 @@ class Warehouse(SharedFiles):
             self._cache.clear()
             self._cache_bytes = 0
             self._unused.clear()
+            self._served.clear()
 
     def read(self, fh: int, offset: int, size: int):
         """The bytes of a read (a bytes-like object: bytes, a memoryview of a cached block
@@ -1830,7 +1855,7 @@ class Warehouse(SharedFiles):
                 return None, h.ino, []
             parts = []
             device = False
-            hits = 0
+            hits = []  # (hash, bytes asked, block length) of blocks the cache holds
             with self.meta.begin() as txn:
                 for idx in range(offset // bs, (end - 1) // bs + 1):
                     base = idx * bs
@@ -1843,14 +1868,9 @@ class Warehouse(SharedFiles):
                     if kind == "blk":
                         with self._cache_lock:
                             data = self._cache.get(what[0])
-                            if data is not None:
-                                # A block read to its end is done with (other readers of
-                                # the file have the kernel's page cache): first to go.
-                                self._cache.move_to_end(what[0], last=hi < len(data))
-                                self._unused.pop(what[0], None)
                         if data is not None:
+                            hits.append((what[0], hi - lo, len(data)))
                             kind, what = "cached", data
-                            hits += 1
                         elif cached_only:
                             return None
                         else:
@@ -1865,8 +1885,19 @@ class Warehouse(SharedFiles):
                 else:
                     h.ahead = last  # a seek: reading ahead starts again from here
                 h.read_end = end
+            if hits:
+                # A block answered whole (in any order of requests) is done with: other
+                # readers of the file have the kernel's page cache. It is first to go.
+                with self._cache_lock:
+                    for bh, asked, length in hits:
+                        if bh in self._cache:
+                            served = self._served.pop(bh, 0) + asked
+                            if served < length:
+                                self._served[bh] = served
+                            self._cache.move_to_end(bh, last=served < length)
+                            self._unused.pop(bh, None)
             self._accessed[h.ino] = now_ns()
-            self.counters["cache_hits"] += hits
+            self.counters["cache_hits"] += len(hits)
             return (self.devices.read_begin() if device else None), h.ino, parts
         finally:
             self._lock.release()

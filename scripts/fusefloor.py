@@ -141,8 +141,24 @@ def serve(mountpoint: str) -> None:
     raise_read_ahead(mountpoint)
     try:
         trio.run(pyfuse3.main)
-    finally:
-        pyfuse3.close(unmount=False)
+    except BaseException:  # (SIGINT, from the terminal or from a parent that died)
+        pyfuse3.close(unmount=True)
+        raise
+    pyfuse3.close(unmount=False)  # (unmounted by the parent: main returned)
+
+
+def _interrupt_when_parent_dies() -> None:
+    """In the server (preexec_fn): SIGINT when the measuring process dies, so that the
+    server unmounts instead of leaving a mount nobody serves."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGINT)  # PR_SET_PDEATHSIG
+
+
+def _unmount(mnt: str) -> None:
+    if subprocess.run(["fusermount3", "-u", mnt], capture_output=True).returncode != 0 and os.path.ismount(mnt):
+        subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)  # busy or dead: detach it
 
 
 def measure(args) -> list[tuple[str, str, float, float]]:
@@ -151,7 +167,8 @@ def measure(args) -> list[tuple[str, str, float, float]]:
     mnt, raw = os.path.join(base, "mnt"), os.path.join(base, "raw")
     os.makedirs(mnt)
     os.makedirs(raw)
-    server = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", mnt])
+    server = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", mnt],
+                              preexec_fn=_interrupt_when_parent_dies)
     try:
         deadline = time.monotonic() + 20
         while not os.path.ismount(mnt):
@@ -189,11 +206,13 @@ def measure(args) -> list[tuple[str, str, float, float]]:
                          statistics.median(v["raw"]), statistics.median(v["null"])))
         return rows
     finally:
-        subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
+        _unmount(mnt)
         try:
             server.wait(timeout=10)
         except subprocess.TimeoutExpired:
             server.kill()
+            server.wait()
+            _unmount(mnt)
         shutil.rmtree(base, ignore_errors=True)
 
 

@@ -195,13 +195,13 @@ def test_bench_runs_every_workload_and_reports_ratios():
     assert "| workload |" in run_kvfs("bench", "--scale", "quick", "--only", "space", "--markdown").stdout
 
 
-def test_fusefloor_mounts_a_null_filesystem_and_reports_each_workload():
+def test_fusefloor_mounts_a_null_filesystem_and_reports_each_workload(tmp_path):
     """scripts/fusefloor.py (the pyfuse3 floor printed in BENCHMARKS.md) runs: it mounts
     its null filesystem for real, measures it and the raw disk, and unmounts."""
     import sys
 
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "fusefloor.py")
-    res = subprocess.run([sys.executable, script, "--scale", "quick", "--markdown"],
+    res = subprocess.run([sys.executable, script, "--scale", "quick", "--markdown", "--dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     rows = [line.split("|")[1:-1] for line in res.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
@@ -212,7 +212,8 @@ def test_fusefloor_mounts_a_null_filesystem_and_reports_each_workload():
     for r in rows:
         assert float(r[2].replace(",", "")) > 0 and float(r[3].replace(",", "")) > 0, r
     with open("/proc/self/mountinfo") as f:
-        assert "nullfs" not in f.read()  # unmounted again
+        assert str(tmp_path) not in f.read()  # unmounted again
+    assert os.listdir(tmp_path) == []  # and cleaned up
 
 
 def test_abread_interleaves_cold_reads_through_two_mounts_and_a_raw_directory(make_mount, tmp_path):

@@ -606,10 +606,12 @@ def test_read_ahead_racing_rewrites_that_free_and_reuse_extents_serves_no_wrong_
     assert _fsck_clean(path) == []
 
 
-def test_many_sequential_readers_read_each_block_from_the_devices_once(tmp_path):
+@pytest.mark.parametrize("halves", [(0, 128 << 10), (128 << 10, 0)], ids=["in-order", "second-half-first"])
+def test_many_sequential_readers_read_each_block_from_the_devices_once(tmp_path, halves):
     """Eight readers of eight files at once want more read-ahead than the block cache
-    holds: read-ahead is capped, and blocks a reader is done with go first, so what was
-    read ahead is not pushed out before its reader gets there (each block read once)."""
+    holds: read-ahead is capped, and blocks a reader is done with (answered whole, in any
+    order of requests) go first, so what was read ahead is not pushed out before its
+    reader gets there (each block read once)."""
     import threading
 
     bs, readers, per_file = 256 << 10, 8, 64
@@ -629,7 +631,7 @@ def test_many_sequential_readers_read_each_block_from_the_devices_once(tmp_path)
     def reader(f):
         fh = w.open(inos[f])
         for i in range(per_file):
-            for off in range(0, bs, 128 << 10):  # as FUSE asks: 128 KiB at a time
+            for off in halves:  # as FUSE asks: 128 KiB at a time, not always in order
                 got = w.read_cached(fh, i * bs + off, 128 << 10)
                 if got is None:
                     got = w.read(fh, i * bs + off, 128 << 10)
@@ -646,7 +648,8 @@ def test_many_sequential_readers_read_each_block_from_the_devices_once(tmp_path)
     w.close()
     assert wrong == []
     blocks = readers * per_file
-    # (before the cap and the demotion: 737 device reads of these 512 blocks)
+    # (before the cap and the demotion: 737 device reads of these 512 blocks; demoting on
+    # "read to its end" alone: 643-772 when the second halves came first)
     assert blocks <= c["device_reads"] <= blocks + blocks // 20, c
     assert c.get("read_ahead_blocks", 0) > blocks // 2
 
@@ -674,4 +677,35 @@ def test_read_ahead_that_cannot_start_leaves_no_read_registered(tmp_path):
     w.unlink(M.ROOT_INO, b"g")
     w.checkpoint()
     assert w.devices.deferred_bytes == 0  # the freed extent is reusable
+    w.close()
+
+
+def test_read_ahead_queued_but_without_a_thread_ends_only_its_own_registration(tmp_path):
+    """ThreadPoolExecutor.submit queues the task before it starts a thread; if the start
+    fails it raises, and a thread it already has runs the task later. The task's read
+    registration must end exactly once: ending it twice would end another read's, and
+    that read's extents could be reused under it."""
+    import concurrent.futures
+
+    class ThreadStartFails:
+        def __init__(self):
+            self.pool = concurrent.futures.ThreadPoolExecutor(1)
+
+        def submit(self, fn, *args):
+            self.pool.submit(fn, *args)  # queued: the one thread runs it
+            raise RuntimeError("can't start new thread")
+
+    path = _fresh(tmp_path)
+    w = Warehouse(path)
+    ino = _distinct_blocks_file(w, b"f", 4)
+    w._ahead_pool = ThreadStartFails()
+    other = w.devices.read_begin()  # a long read in progress elsewhere
+    fh = w.open(ino)
+    w._ahead_pool.pool.shutdown(wait=True)  # (the queued task has run)
+    assert dict(w.devices._readers) == {other: 1} and w._fetching == {}
+    assert w.read(fh, 0, BS) == bytes([1]) * BS
+    w.release(fh)
+    w.devices.read_end(other)
+    assert w.devices._readers == {}
+    w._ahead_pool = None  # (its stand-in has no shutdown)
     w.close()
