@@ -87,6 +87,7 @@ REAP_BATCH = 512  # entries deleted per transaction by retire
 READ_AHEAD_BYTES = 8 << 20  # how far ahead of a sequential reader blocks are fetched into the block cache
 READ_AHEAD_THREADS = 4  # threads reading ahead: the devices see this many reads at once (besides readers')
 READ_AHEAD_UNUSED_S = 2.0  # blocks read ahead and not read within this long stop limiting read-ahead
+READ_THROUGH_S = 30.0  # a file read to its end this recently is in the kernel's page cache: no read-ahead at open
 CONTROL_NAME = b".kvfs"  # the control directory in the mount's root (kvfs.fs serves it)
 PIN_XATTR = b"user.kvfs.pin"
 TTL_XATTR = b"user.kvfs.ttl"
@@ -278,6 +279,7 @@ class Warehouse(SharedFiles):
         # Blocks read ahead into the cache and not read yet -> when (_cache_lock)
         self._unused: collections.OrderedDict[bytes, float] = collections.OrderedDict()
         self._served: dict[bytes, int] = {}  # bytes of a cached block answered so far (_cache_lock)
+        self._read_through: dict[int, float] = {}  # ino -> when a read last reached its end (_lock)
         self._ahead_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.bad_blocks: set[tuple[bytes, int, int]] = set()  # (hash, device, offset)
         # Inodes whose unpublished changes were dropped: a client (the kernel) may cache
@@ -1538,9 +1540,11 @@ class Warehouse(SharedFiles):
             h = self._handles[fh] = Handle(ino, write, append)
             self._accessed[ino] = now_ns()
             self._opens[ino] += 1
-            if not write and of.size:
+            if not write and of.size and time.monotonic() - self._read_through.get(ino, -READ_THROUGH_S) >= READ_THROUGH_S:
                 # Clients read cached KV whole: its first blocks are on their way from the
-                # devices while the first read request is still in the kernel.
+                # devices while the first read request is still in the kernel. Not for a
+                # file read to its end lately: the kernel's page cache (keep_cache) has it,
+                # no read request will come, and reading ahead would only cost CPU.
                 h.ahead = self._read_ahead_locked(
                     ino, of, txn, 0, min(self._ahead_blocks(), -(-of.size // self.block_size)))
             return fh
@@ -1885,6 +1889,11 @@ class Warehouse(SharedFiles):
                 else:
                     h.ahead = last  # a seek: reading ahead starts again from here
                 h.read_end = end
+                if end == fsize:
+                    if len(self._read_through) > 65536:
+                        stale = time.monotonic() - READ_THROUGH_S
+                        self._read_through = {i: t for i, t in self._read_through.items() if t > stale}
+                    self._read_through[h.ino] = time.monotonic()
             if hits:
                 # A block answered whole (in any order of requests) is done with: other
                 # readers of the file have the kernel's page cache. It is first to go.

@@ -34,8 +34,10 @@ TEXT
   answering lookups from LMDB without Python.
 - **Warm reads** never reach the daemon: the kernel copies from its FUSE page cache, which
   holds 4 KiB pages on this kernel where ext4 uses large folios (16% of the reader's time
-  in filemap_get_read_batch against 0.4% on ext4). FUSE large-folio support or
-  passthrough (FOPEN_PASSTHROUGH, not in pyfuse3 3.5) would lift it.
+  in filemap_get_read_batch against 0.4% on ext4). Small files add three requests per
+  file (open, flush, release: FOPEN_NOFLUSH would drop one, but pyfuse3 3.5 cannot set it).
+  FUSE large-folio support or passthrough (FOPEN_PASSTHROUGH, not in pyfuse3 3.5) would
+  lift it.
 - **Cold reads** are bound by the daemon's CPU: 1 MiB requests cost three copies on 2 CPUs
   (device page cache to the daemon, the daemon's reply into the FUSE page cache, which
   pyfuse3 makes holding the GIL, and the client's own), against one for the raw read. With

@@ -188,8 +188,10 @@ def measure(args) -> list[tuple[str, str, float, float]]:
             add(f"create, directory of {n:,} entries", side, create_rate(os.path.join(d, "meta"), n))
         size = 32 * MiB
         count = max(2, scale.total // size)
+        small = max(2, scale.total // (2 * MiB))
         for side, d in sides.items():
             _write_files(os.path.join(d, "seq"), size, count, False, 1)
+            _write_files(os.path.join(d, "small"), 2 * MiB, small, False, 2)
         for rep in range(scale.reps):
             names, missing = lookup_names(n, scale.lookups, rep)
             for side in (("raw", "null") if rep % 2 == 0 else ("null", "raw")):
@@ -201,6 +203,9 @@ def measure(args) -> list[tuple[str, str, float, float]]:
                 paths = _files(os.path.join(d, "seq"))
                 add("read 32 MiB files, cold", side, count * size / 1e6 / _read_files(paths, False))
                 add("read 32 MiB files, warm", side, count * size / 1e6 / _read_files(paths, False))
+                paths = _files(os.path.join(d, "small"))
+                _read_files(paths, False)
+                add("read 2 MiB files, warm", side, small * 2 * MiB / 1e6 / _read_files(paths, False))
         for name, v in res.items():
             rows.append((name, "MB/s" if "read" in name else "ops/s",
                          statistics.median(v["raw"]), statistics.median(v["null"])))

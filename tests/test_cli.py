@@ -205,7 +205,8 @@ def test_fusefloor_mounts_a_null_filesystem_and_reports_each_workload(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     rows = [line.split("|")[1:-1] for line in res.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    wanted = ("create,", "lookup hit", "lookup miss", "read 32 MiB files, cold", "read 32 MiB files, warm")
+    wanted = ("create,", "lookup hit", "lookup miss", "read 32 MiB files, cold", "read 32 MiB files, warm",
+              "read 2 MiB files, warm")
     assert len(rows) == len(wanted)
     for want, r in zip(wanted, rows):
         assert r[0].strip().startswith(want), r

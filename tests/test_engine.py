@@ -516,6 +516,15 @@ def test_a_sequential_reader_is_read_ahead_each_block_once_then_served_from_the_
     assert w.read_cached(fh, 7 * BS, BS) is None
     assert w.read(fh, 7 * BS, BS) == bytes([8]) * BS
     w.release(fh)
+    # Read to its end a moment ago, the file is in the kernel's page cache: opening it again
+    # reads nothing ahead (no read request will come to use it).
+    w.drop_cache()
+    before = dict(w.stats()["counters"])
+    fh = w.open(ino)
+    assert w._fetching == {}
+    w.release(fh)
+    w._ahead_pool.submit(lambda: None).result()
+    assert w.stats()["counters"]["device_reads"] == before["device_reads"]
     w.close()
 
 
