@@ -174,6 +174,12 @@ class Bench:
 
     def add(self, workload, unit, values, target=None, note=""):
         med = {k: statistics.median(v) if v and None not in v else None for k, v in values.items()}
+        # The spread of the ratio over the repetitions (raw and kvfs of one repetition ran
+        # back to back): on a noisy machine the median alone hides how far runs differ.
+        ratios = [k / r for r, k in zip(values["raw"], values["kvfs"]) if r and k is not None]
+        if len(ratios) > 1:
+            spread = f"runs {math.floor(min(ratios) * 100) / 100:.2f}-{math.floor(max(ratios) * 100) / 100:.2f}"
+            note = f"{spread}; {note}" if note else spread
         row = Row(workload, unit, med["raw"], med["kvfs"], target, note)
         self.rows.append(row)
         self.progress(row)
@@ -358,7 +364,7 @@ def table(rows: list[Row]) -> str:
         target = "" if r.target is None else f">= {r.target}"
         verdict = "" if r.target is None or r.ratio is None else ("met" if r.ratio >= r.target else "below")
         lines.append(f"| {r.workload} | {r.unit} | {fmt(r.raw)} | {fmt(r.kvfs)} | {ratio} | {target} | "
-                     f"{' '.join(x for x in (verdict, r.note) if x)} |")
+                     f"{', '.join(x for x in (verdict, r.note) if x)} |")
     return "\n".join(lines)
 
 
@@ -417,8 +423,9 @@ def markdown(rows: list[Row], machine: dict, args) -> str:
         "",
         "Each workload ran on a kvfs mount of a file-backed warehouse and on a plain directory of",
         "the same disk, alternating, in the same run; the figures are medians. *kvfs/raw* is the",
-        "ratio of the two (higher is better, but for space, where kvfs is the bytes it stores).",
-        "Cold reads drop the page cache first. The targets are issue 6's.",
+        "ratio of the two (higher is better, but for space, where kvfs is the bytes it stores),",
+        "with its lowest and highest over the repetitions. Cold reads drop the page cache",
+        "first. The targets are issue 6's.",
         "",
         table(rows),
         "",
