@@ -115,6 +115,11 @@ def _read_files(paths: list[str], direct: bool) -> float:
     return time.perf_counter() - t
 
 
+def _floor2(ratio: float) -> str:
+    """Two decimals, rounded down: a ratio just under its target must not print as meeting it."""
+    return f"{math.floor(ratio * 100) / 100:.2f}"
+
+
 def create_rate(d: str, n: int) -> float:
     """Make directory d with n empty files (open O_CREAT, close): files per second."""
     os.makedirs(d)
@@ -178,7 +183,7 @@ class Bench:
         # back to back): on a noisy machine the median alone hides how far runs differ.
         ratios = [k / r for r, k in zip(values["raw"], values["kvfs"]) if r and k is not None]
         if len(ratios) > 1:
-            spread = f"runs {math.floor(min(ratios) * 100) / 100:.2f}-{math.floor(max(ratios) * 100) / 100:.2f}"
+            spread = f"runs {_floor2(min(ratios))}-{_floor2(max(ratios))}"
             note = f"{spread}; {note}" if note else spread
         row = Row(workload, unit, med["raw"], med["kvfs"], target, note)
         self.rows.append(row)
@@ -359,8 +364,7 @@ def table(rows: list[Row]) -> str:
     lines = ["| workload | unit | raw | kvfs | kvfs/raw | target | |", "|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         fmt = lambda v: "-" if v is None else f"{v:,.0f}" if v >= 100 else f"{v:,.1f}"  # noqa: E731
-        # Rounded down: a ratio just under its target must not print as meeting it.
-        ratio = "-" if r.ratio is None else f"{math.floor(r.ratio * 100) / 100:.2f}"
+        ratio = "-" if r.ratio is None else _floor2(r.ratio)
         target = "" if r.target is None else f">= {r.target}"
         verdict = "" if r.target is None or r.ratio is None else ("met" if r.ratio >= r.target else "below")
         lines.append(f"| {r.workload} | {r.unit} | {fmt(r.raw)} | {fmt(r.kvfs)} | {ratio} | {target} | "

@@ -455,11 +455,11 @@ def unmount(mountpoint: str, lazy: bool = False, timeout: float = 120.0) -> tupl
     info = find_mount(mountpoint)
     if info is None:
         raise QuietError(f"{mountpoint} is not a kvfs mount point", EXIT_NOT_MOUNTED)
-    if daemon_gone(info["source"]) and not wait_unlocked(info["source"], 0):
-        detach_dead(info)  # a zombie daemon: nothing would ever answer the unmount
-        return info["source"], False
     was_running = not wait_unlocked(info["source"], 0)
     pid = daemon_pid(info["source"]) if was_running else None
+    if pid is not None and not pid_alive(pid):
+        detach_dead(info)  # a zombie daemon: nothing would ever answer the unmount
+        return info["source"], False
     fusermount_unmount(info["mountpoint"], lazy)
     deadline = time.monotonic() + timeout
     done = wait_unlocked(info["source"], timeout)

@@ -242,7 +242,6 @@ class Store:
 
         self.bucket = bucket
         self.endpoint = endpoint
-        self.timeout = timeout
         session = boto3.session.Session()
         cfg = dict(connect_timeout=timeout, read_timeout=timeout,
                    retries={"total_max_attempts": 1, "mode": "standard"},
@@ -396,14 +395,6 @@ class Store:
                 return n
 
 
-@dataclass
-class _Local:
-    """Which local copy a version from the store may replace (see install_remote)."""
-
-    ino: int
-    mtime_ns: int
-
-
 class SharedTier:
     """A mount's shared tier: the uploader thread, read-through lookups, block fetches.
 
@@ -423,7 +414,6 @@ class SharedTier:
         self.keys = Keys(prefix)
         self.store = Store(bucket, endpoint, timeout)
         self.timeout = timeout
-        self.miss_ttl = MISS_TTL
         self.node = wh.sb["uuid"]
         # As many as the event loop may run lookups at once (trio's worker thread limit):
         # a lookup that waits for a free thread is not a store that does not answer.
@@ -493,11 +483,11 @@ class SharedTier:
         for the store."""
         base = self.wh.path_of(parent)
         if base is None:
-            return None, self.miss_ttl
+            return None, MISS_TTL
         path = base + b"/" + name if base else name
         key = self.keys.manifest(path)
         if key is None:
-            return None, self.miss_ttl
+            return None, MISS_TTL
         now = time.monotonic()
         until = self._misses.get(path, 0)  # (read once: another thread may clear the cache)
         if until > now:
@@ -521,13 +511,13 @@ class SharedTier:
         if got is None:
             self.remember_miss(path)
             self.count("lookup_misses")
-            return None, self.miss_ttl
+            return None, MISS_TTL
         try:
             m = Manifest.decode(got[0])
         except ValueError as exc:
             self.count("bad_manifests")
             log.warning("shared tier: %s is not a valid manifest (%s); treated as absent", key, exc)
-            return None, self.miss_ttl
+            return None, MISS_TTL
         inode = self.wh.install_remote(parent, name, m)
         self.count("lookup_hits")
         return inode, 0
@@ -536,7 +526,7 @@ class SharedTier:
         """Answer lookups of `path` with a miss for a while (its manifest is of no use)."""
         if len(self._misses) >= MISS_CACHE:
             self._misses.clear()
-        self._misses[path] = time.monotonic() + self.miss_ttl
+        self._misses[path] = time.monotonic() + MISS_TTL
 
     def fetch_blocks(self, items: list[tuple[bytes, int]]):
         """Yield (hash, bytes) for each (hash, length) of `items`, in order, each fetched
@@ -746,17 +736,17 @@ class SharedTier:
                     log.warning("shared tier: replacing %s, which is not a valid manifest", key)
             if theirs is not None and theirs.kind == "file" and theirs.order >= m.order:
                 if theirs.node != self.node:  # not a later upload of this very node
-                    self._adopt(theirs, snap, parent, name, key)
+                    self._adopt(theirs, (snap.ino, snap.mtime_ns), parent, name, key)
                 return False
             if self.store.put(key, body, if_none_match=got is None, if_match=got[1] if got else None):
                 return True
         raise Unreachable(f"shared tier: {key} changed {CAS_ATTEMPTS} times while it was being replaced")
 
-    def _adopt(self, theirs: Manifest, snap, parent: int, name: bytes, key: str) -> None:
-        """Another node published this path later: its version replaces ours here too
-        (if our copy is still the one uploaded, and not being written)."""
+    def _adopt(self, theirs: Manifest, ours: tuple[int, int], parent: int, name: bytes, key: str) -> None:
+        """Another node published this path later: its version replaces ours, (inode,
+        mtime) as uploaded, here too (if it is still that copy, and not being written)."""
         try:
-            done = self.wh.install_remote(parent, name, theirs, replace=(snap.ino, snap.mtime_ns))
+            done = self.wh.install_remote(parent, name, theirs, replace=ours)
         except KvfsError as exc:
             log.warning("shared tier: keeping this node's copy of %s: %s", key, exc)
             return
@@ -785,7 +775,7 @@ class SharedTier:
         if theirs is None or theirs.kind != "file":
             return
         if theirs.order > order and theirs.node != self.node:
-            self._adopt(theirs, _Local(ino, mtime_ns), parent, name, key)
+            self._adopt(theirs, (ino, mtime_ns), parent, name, key)
         else:
             self._recheck_later(later, key, parent, name, ino, mtime_ns, order)
 

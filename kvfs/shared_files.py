@@ -542,13 +542,13 @@ class SharedFiles:
         # A damaged block is never uploaded: quarantined (it belongs to no one file here).
         return self._verified(gen, 0, self._fetch, (h, rec.dev, rec.offset, rec.stored_len, rec.raw_len, rec.codec))
 
-    def shared_stats(self) -> dict | None:
-        """The shared tier's part of stats(): None if this warehouse never had one."""
-        counters = {k[len("shared_"):]: v for k, v in self.stats_totals().items() if k.startswith("shared_")}
-        with self.meta.begin() as txn:
-            queue_db, remote_db = self.meta.db.get("shared_queue"), self.meta.db.get("remote")
-            queue = txn.stat(queue_db)["entries"] if queue_db is not None else 0
-            remote = txn.stat(remote_db)["entries"] if remote_db is not None else 0
+    def shared_stats(self, txn, totals: dict[str, int]) -> dict | None:
+        """The shared tier's part of stats() (its read transaction, its counters): None if
+        this warehouse never had one."""
+        counters = {k[len("shared_"):]: v for k, v in totals.items() if k.startswith("shared_")}
+        queue_db, remote_db = self.meta.db.get("shared_queue"), self.meta.db.get("remote")
+        queue = txn.stat(queue_db)["entries"] if queue_db is not None else 0
+        remote = txn.stat(remote_db)["entries"] if remote_db is not None else 0
         if self.shared is None and not counters and not queue and not remote:
             return None
         out = {"queue": queue, "remote_files": remote, **dict.fromkeys(COUNTERS, 0), **counters}

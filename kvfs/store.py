@@ -21,7 +21,7 @@ import uuid as uuidlib
 
 from sortedcontainers import SortedDict, SortedList
 
-from .errors import Corrupt, KvfsError, QuietError, EXIT_DEVICE
+from .errors import Corrupt, KvfsError, QuietError, EXIT_DEVICE, EXIT_USAGE
 
 ALLOC_UNIT = 4096
 DATA_START = 1 << 20  # header area; also keeps data extents 1 MiB-aligned at the start
@@ -126,7 +126,7 @@ class Faults:
             spec = json.loads(raw or "{}")
             faults = cls(spec)
         except (ValueError, TypeError, KeyError) as exc:
-            raise QuietError(f"{cls.ENV} is not a valid fault specification: {exc}", 2) from None
+            raise QuietError(f"{cls.ENV} is not a valid fault specification: {exc}", EXIT_USAGE) from None
         return faults
 
     def set_rules(self, rules: list) -> None:
@@ -242,14 +242,12 @@ class Device:
         try:
             if self.faults is not None:
                 self.faults.check("write", self.index, offset, len(data))
-                if self.faults.volatile:
-                    end = offset + len(data)
-                    for woff in [o for o, d in self._unsynced.items() if o < end and offset < o + len(d)]:
-                        del self._unsynced[woff]  # (overlap only when a never-published extent is reused)
-                    self._unsynced[offset] = bytes(data)
-                    n = len(data)
-                else:
-                    n = os.pwrite(self.fd, data, offset)
+            if self.faults is not None and self.faults.volatile:
+                end = offset + len(data)
+                for woff in [o for o, d in self._unsynced.items() if o < end and offset < o + len(d)]:
+                    del self._unsynced[woff]  # (overlap only when a never-published extent is reused)
+                self._unsynced[offset] = bytes(data)
+                n = len(data)
             else:
                 n = os.pwrite(self.fd, data, offset)
         except OSError as exc:

@@ -1484,7 +1484,8 @@ class Warehouse(SharedFiles):
             qdb = self.meta.db.get("quarantine")  # (absent in a read-only open of an older warehouse)
             st["quarantined_blocks"] = txn.stat(qdb)["entries"] if qdb is not None else 0
             state = self.meta.get_json(txn, b"state") or {}
-        counters = self.stats_totals()
+            counters = self.stats_totals()
+            shared = self.shared_stats(txn, counters)
         hits, misses = counters.get("lookup_hit", 0), counters.get("lookup_miss", 0)
         st.update(
             warehouse=self.path,
@@ -1504,7 +1505,7 @@ class Warehouse(SharedFiles):
             hit_rate=round(hits / (hits + misses), 4) if hits + misses else None,
             open_files=len(self._open),
             counters=counters,
-            shared=self.shared_stats(),
+            shared=shared,
         )
         return st
 

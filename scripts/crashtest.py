@@ -41,6 +41,8 @@ import time
 
 import xxhash
 
+from kvfs.mount import daemon_pid
+
 KVFS = [sys.executable, "-m", "kvfs.cli"]
 HEADER = struct.Struct(">4s48sIQ16s")  # magic, key, version, payload length, xxh3-128(payload)
 MAGIC = b"KVCT"
@@ -165,12 +167,6 @@ def kvfs(*args, check=True, env=None, timeout=300):
     if check and res.returncode != 0:
         raise RuntimeError(f"kvfs {' '.join(map(str, args))} -> {res.returncode}: {res.stderr.strip()}")
     return res
-
-
-def daemon_pid(warehouse: str) -> int | None:
-    from kvfs.mount import daemon_pid as holder
-
-    return holder(warehouse)
 
 
 class Trial:

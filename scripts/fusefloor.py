@@ -11,8 +11,8 @@ pyfuse3 + trio design on this machine, not of kvfs's engine.
 
     .venv/bin/python scripts/fusefloor.py [--scale quick|standard|full] [--dir /var/tmp] [--markdown]
 
-Root only (mounting; cold reads drop the page cache). Exit status 0, or 1 if the null
-filesystem could not be mounted.
+Root only (mounting; cold reads drop the page cache). Exit status 0, 1 if the null
+filesystem could not be mounted, 2 on bad arguments or without root.
 """
 
 import argparse
@@ -157,8 +157,16 @@ def _interrupt_when_parent_dies() -> None:
 
 
 def _unmount(mnt: str) -> None:
-    if subprocess.run(["fusermount3", "-u", mnt], capture_output=True).returncode != 0 and os.path.ismount(mnt):
-        subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)  # busy or dead: detach it
+    from kvfs.errors import QuietError
+    from kvfs.mount import fusermount_unmount
+
+    for lazy in (False, True):  # busy or dead: detach it
+        try:
+            fusermount_unmount(mnt, lazy)
+            return
+        except QuietError:
+            if not os.path.ismount(mnt):
+                return
 
 
 def measure(args) -> list[tuple[str, str, float, float]]:
@@ -231,6 +239,8 @@ def main() -> int:
     if args.serve:
         serve(args.serve)
         return 0
+    if not drop_caches():
+        ap.error("dropping the page cache needs root (cold reads would be warm ones)")
     rows = measure(args)
     if args.markdown:
         print("| workload | unit | raw | null pyfuse3 | null/raw |")

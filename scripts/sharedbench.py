@@ -23,6 +23,8 @@ import tempfile
 import time
 import uuid
 
+from kvfs.bench import drop_caches
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 KVFS = [sys.executable, "-m", "kvfs.cli"]
 
@@ -34,12 +36,6 @@ def kvfs(*args):
 def shared_stats(mnt):
     with open(os.path.join(mnt, ".kvfs", "stats.json")) as f:
         return json.load(f)["shared"]
-
-
-def drop_caches():
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3")
 
 
 def main(argv=None) -> int:
@@ -92,7 +88,8 @@ def main(argv=None) -> int:
             with open(os.path.join(b, f"f{i}"), "rb") as f:
                 assert f.read() == d, f"f{i} differs"
         fetched = time.perf_counter() - t0
-        drop_caches()
+        if not drop_caches():
+            sys.exit("sharedbench: dropping the page cache needs root")
         t0 = time.perf_counter()
         for i in range(args.files):
             with open(os.path.join(b, f"f{i}"), "rb") as f:

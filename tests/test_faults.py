@@ -15,6 +15,7 @@ import pytest
 
 from conftest import run_kvfs
 from kvfs import meta as M
+from kvfs.bench import drop_caches
 from kvfs.control import Remote
 from kvfs.warehouse import Warehouse
 
@@ -38,17 +39,12 @@ def read(path) -> bytes:
         return f.read()
 
 
-def drop_kernel_cache():
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
-
-
 def faults(m, rules=None, drop_cache=True):
     args = {"drop_cache": drop_cache}
     if rules is not None:
         args["rules"] = rules
     reply = Remote(m.path).call("faults", **args)
-    drop_kernel_cache()
+    assert drop_caches()
     return reply
 
 
