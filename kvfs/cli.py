@@ -339,7 +339,7 @@ def cmd_bench(args) -> int:
 
 def _set_pin(args, pinned: bool) -> int:
     from .control import locate
-    from .warehouse import PIN_XATTR
+    from .policy import PIN_XATTR
 
     for path in args.paths:
         try:

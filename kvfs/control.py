@@ -232,7 +232,7 @@ def connect(target: str, write: bool = False):
     Local for an unmounted warehouse (opened read-write only when `write`)."""
     from . import meta as M
     from .mount import find_mount, wait_unlocked
-    from .warehouse import META_DIR
+    from .layout import META_DIR
 
     if find_mount(target) is not None:
         return Remote(os.path.realpath(target))

@@ -23,7 +23,7 @@ import trio
 from . import control
 from .errors import KvfsError
 from .meta import ROOT_INO, Inode
-from .warehouse import CONTROL_NAME, QUOTA_XATTR
+from .policy import QUOTA_XATTR
 
 log = logging.getLogger("kvfs.fs")
 
@@ -34,6 +34,7 @@ ATTR_TIMEOUT = 300
 STATFS_BSIZE = 4096  # the alignment O_DIRECT clients should use (LMCache reads f_bsize)
 
 # The control directory and its files: inode numbers the warehouse's counter never reaches.
+CONTROL_NAME = control.CONTROL_DIR.encode()  # the control directory, in the mount's root
 CTL_DIR_INO = (1 << 63) + 1
 CTL_FILE_INO = CTL_DIR_INO + 1
 STATS_INO = CTL_DIR_INO + 2

@@ -307,7 +307,7 @@ class Fsck:
                 self.problem(f"block {h.hex()} {what}", fix)
                 if fix:
                     if refs[h] == 0:
-                        self.wh._free_block(txn, bytes(h), rec, self.freed)
+                        self.wh.blocks.free_block(txn, bytes(h), rec, self.freed)
                     else:
                         rec.refcount = refs[h]
                         self.meta.put_block(txn, h, rec)
@@ -435,7 +435,7 @@ class Fsck:
                 for ino in inos:
                     inode = self.meta.get_inode(txn, ino)
                     if inode is not None and inode.nlink > 0:
-                        self.wh._remove_names(txn, ino, effects, removed)
+                        self.wh.namespace.remove_names(txn, ino, effects, removed)
                         self.stats["dropped_files"] += 1
         self.freed.extend(effects)
 
@@ -502,7 +502,7 @@ def _reclaim(wh: Warehouse, txn, candidates: list[tuple], effects: list, removed
                 continue
             rec = M.BlockRecord.unpack(raw)
             if counted == 0:
-                wh._free_block(txn, h, rec, effects)
+                wh.blocks.free_block(txn, h, rec, effects)
             else:
                 rec.refcount = counted
                 meta.put_block(txn, h, rec)
@@ -526,7 +526,7 @@ def restore_backup(warehouse: str, meta_dir: str) -> dict:
     import shutil
 
     from .errors import QuietError, EXIT_NEEDS_FSCK
-    from .warehouse import BACKUP_DIRS
+    from .layout import BACKUP_DIRS
 
     tried = []
     for name in BACKUP_DIRS:
@@ -555,13 +555,13 @@ def restore_backup(warehouse: str, meta_dir: str) -> dict:
 
 def run_fsck(args) -> int:
     from .errors import QuietError, EXIT_INTERNAL, EXIT_NEEDS_FSCK, EXIT_NO_WAREHOUSE
-    from .warehouse import META_DIR, _lock
+    from .layout import META_DIR, take_lock
 
     meta_dir = os.path.join(args.warehouse, META_DIR)
     restored = None
     if not os.path.isdir(meta_dir):
         raise QuietError(f"{args.warehouse} is not a kvfs warehouse (no {META_DIR}/)", EXIT_NO_WAREHOUSE)
-    lock_fd = _lock(args.warehouse)  # held from the check to the end: no mount meanwhile
+    lock_fd = take_lock(args.warehouse)  # held from the check to the end: no mount meanwhile
     try:
         try:
             damage = M.verify_in_child(meta_dir)

@@ -16,7 +16,8 @@ import sys
 import time
 
 from .errors import QuietError, EXIT_MOUNT_FAILED, EXIT_NOT_MOUNTED
-from .warehouse import BACKUP_INTERVAL, LOCK_FILE, LOG_FILE, Warehouse, lock_holder
+from .layout import BACKUP_INTERVAL, LOCK_FILE, LOG_FILE, lock_holder
+from .warehouse import Warehouse
 
 log = logging.getLogger("kvfs.mount")
 

@@ -61,7 +61,9 @@ from dataclasses import dataclass, field
 
 from . import codec as codecs
 from .errors import Corrupt, KvfsError
-from .shared_files import RemoteMissing, SharedUnavailable
+from .files import MAX_FILE_SIZE
+from .namespace import XATTR_NAME_MAX, XATTR_SIZE_MAX
+from .shared_files import DEFAULT_QUEUE_LIMIT, RemoteMissing, SharedUnavailable
 
 log = logging.getLogger("kvfs.shared")
 
@@ -178,8 +180,6 @@ class Manifest:
     @classmethod
     def decode(cls, raw: bytes) -> "Manifest":
         """Parse and check a manifest; ValueError if it is not a valid one."""
-        from .warehouse import MAX_FILE_SIZE, XATTR_NAME_MAX, XATTR_SIZE_MAX
-
         def want(cond, what):
             if not cond:
                 raise ValueError(f"manifest: {what}")
@@ -404,8 +404,6 @@ class SharedTier:
 
     def __init__(self, wh, url: str, endpoint: str | None = None, timeout: float = DEFAULT_TIMEOUT,
                  queue_limit: int | None = None):
-        from .shared_files import DEFAULT_QUEUE_LIMIT
-
         bucket, prefix = parse_url(url)
         if not timeout > 0:
             raise ValueError("the shared tier's timeout must be positive")
@@ -432,7 +430,8 @@ class SharedTier:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.uploading = None  # the path being uploaded, for stats
-        wh.attach_shared(self, queue_limit or DEFAULT_QUEUE_LIMIT)
+        self.sharing = wh.sharing  # kvfs.shared_files: the warehouse's side of the tier
+        self.sharing.attach_shared(self, queue_limit or DEFAULT_QUEUE_LIMIT)
 
     # -- life ----------------------------------------------------------------------------
 
@@ -440,8 +439,8 @@ class SharedTier:
         self._thread = threading.Thread(target=self._run, name="kvfs-shared-uploader", daemon=True)
         self._thread.start()
         log.info("shared tier %s (endpoint %s, timeout %.1f s, queue %d files, %d queued)", self.url,
-                 self.store.endpoint or "from the AWS configuration", self.timeout, self.wh.queue_limit,
-                 self.wh.queue_length())
+                 self.store.endpoint or "from the AWS configuration", self.timeout, self.sharing.queue_limit,
+                 self.sharing.queue_length())
 
     def stop(self) -> None:
         """Stop uploading (what is queued stays queued) within about one timeout."""
@@ -467,7 +466,7 @@ class SharedTier:
             "url": self.url,
             "endpoint": self.store.endpoint,
             "timeout": self.timeout,
-            "queue_limit": self.wh.queue_limit,
+            "queue_limit": self.sharing.queue_limit,
             "state": "unreachable" if down else ("failing" if self.store.last_error else "ok"),
             "last_error": self.store.last_error,
             "retry_in": round(down, 3),
@@ -481,7 +480,7 @@ class SharedTier:
         locally); (None, seconds) if not, with how long that answer holds: MISS_TTL when
         the store said so, 0 when it could not be asked. Never waits more than the timeout
         for the store."""
-        base = self.wh.path_of(parent)
+        base = self.sharing.path_of(parent)
         if base is None:
             return None, MISS_TTL
         path = base + b"/" + name if base else name
@@ -518,7 +517,7 @@ class SharedTier:
             self.count("bad_manifests")
             log.warning("shared tier: %s is not a valid manifest (%s); treated as absent", key, exc)
             return None, MISS_TTL
-        inode = self.wh.install_remote(parent, name, m)
+        inode = self.sharing.install_remote(parent, name, m)
         self.count("lookup_hits")
         return inode, 0
 
@@ -586,7 +585,7 @@ class SharedTier:
                 if self._rechecks and self._rechecks[0][0] <= time.monotonic() and not self.store.down():
                     self._recheck(heapq.heappop(self._rechecks))
                     continue
-                item = self.wh.next_upload()
+                item = self.sharing.next_upload()
             except Exception:  # the uploader must not die of one bad answer or record
                 self.count("failures")
                 log.exception("shared tier: the uploader hit an error; going on in %.0f s", MAX_BACKOFF)
@@ -626,10 +625,10 @@ class SharedTier:
                 log.exception("shared tier: uploading inode %d failed; it is not shared", ino)
             finally:
                 self.uploading = None
-            self.wh.finish_upload(seq, ino)
+            self.sharing.finish_upload(seq, ino)
 
     def _upload(self, ino: int, version: int) -> None:
-        snap = self.wh.share_snapshot(ino)
+        snap = self.sharing.share_snapshot(ino)
         if snap is None:
             return  # removed, or read through from the store, since it was queued
         try:
@@ -648,7 +647,7 @@ class SharedTier:
             for parent, name, path, key in names:
                 self._put_dirs(path)
                 with self._publish_lock:
-                    if path not in self.wh.paths_now(ino):
+                    if path not in self.sharing.paths_now(ino):
                         continue  # renamed, unlinked or retired meanwhile
                     m.path = path.decode()
                     if self._put_manifest(key, m, snap, parent, name):
@@ -658,7 +657,7 @@ class SharedTier:
             if uploaded:
                 self.count("uploaded_files")
         finally:
-            self.wh.share_release(snap)
+            self.sharing.share_release(snap)
 
     def _known_present(self, h: bytes) -> bool:
         with self._known_lock:
@@ -687,7 +686,7 @@ class SharedTier:
         if not self.store.conditional and self.store.exists(key):
             created = False
         else:
-            data = self.wh.read_block(h)
+            data = self.sharing.read_block(h)
             # Content-addressed: a racing put of the same key by another node (or, without
             # conditional puts, between the HEAD and the PUT) writes the very same bytes.
             created = self.store.put(key, data, if_none_match=True)
@@ -707,7 +706,7 @@ class SharedTier:
             d = b"/".join(parts[:i])
             if self._dirs.get(d, 0) > now:
                 continue
-            info = self.wh.dir_attributes(d)
+            info = self.sharing.dir_attributes(d)
             key = self.keys.manifest(d)
             if info is None or key is None:
                 return
@@ -746,7 +745,7 @@ class SharedTier:
         """Another node published this path later: its version replaces ours, (inode,
         mtime) as uploaded, here too (if it is still that copy, and not being written)."""
         try:
-            done = self.wh.install_remote(parent, name, theirs, replace=ours)
+            done = self.sharing.install_remote(parent, name, theirs, replace=ours)
         except KvfsError as exc:
             log.warning("shared tier: keeping this node's copy of %s: %s", key, exc)
             return

@@ -1,8 +1,11 @@
 """The warehouse's side of the shared tier: remote files, the upload queue, snapshots.
 
-`SharedFiles` is mixed into `Warehouse`: these methods are engine code (they use its lock,
-its metadata and its write path); kvfs.shared, which talks to the object store, drives
-them. Nothing here does network I/O itself, and no network I/O happens under the lock.
+Owns: the warehouse's records of remote files, the upload queue and the snapshots the
+uploader reads. It is a component the warehouse holds (Warehouse.sharing): engine code that
+uses the namespace, open files and block store through their own interfaces; kvfs.shared,
+which talks to the object store, drives it. Nothing here does network I/O itself, and no
+network I/O happens under the lock. The layers below never call it: a publication reaches
+it through Core.on_published.
 
 Remote files. A lookup that the shared tier answers creates a complete local inode from
 the manifest in one transaction (install_remote): size, mode, owner, mtime, annotations,
@@ -27,7 +30,6 @@ Snapshots. The uploader reads a queued file's committed state in one transaction
 it reads them (read_block); share_release lets them go.
 """
 
-import collections
 import contextlib
 import errno
 import stat
@@ -35,7 +37,11 @@ import threading
 from dataclasses import dataclass, field
 
 from . import meta as M
+from .blocks import Pending, record_loc
+from .core import Layer, now_ns
 from .errors import Corrupt, KvfsError, NotFound
+from .namespace import check_name
+from .policy import POLICY_XATTRS
 
 DEFAULT_QUEUE_LIMIT = 10_000  # files
 # The shared tier's counters (kept with the warehouse's, as shared_NAME), all in stats().
@@ -93,26 +99,35 @@ def _regular_published(inode: M.Inode | None) -> bool:
             and not inode.flags & M.F_INCOMPLETE)
 
 
-class SharedFiles:
-    shared = None  # the kvfs.shared.SharedTier of this mount, or None
-    queue_limit = DEFAULT_QUEUE_LIMIT
-    _any_remote = None  # whether remote records may exist (opens skip the check if not)
+class SharedFiles(Layer):
+    """The engine's side of the shared tier (see the module docstring)."""
+
+    def __init__(self, core, namespace, files, blocks, cache):
+        super().__init__(core)
+        self.ns = namespace
+        self.files = files
+        self.blocks = blocks
+        self.cache = cache
+        self.shared = None  # the kvfs.shared.SharedTier of this mount, or None
+        self.queue_limit = DEFAULT_QUEUE_LIMIT
+        self._any_remote = None  # whether remote records may exist (opens skip the check if not)
+        self._filling: set[int] = set()  # files being filled: their commit is not a publication
 
     def attach_shared(self, tier, queue_limit: int = DEFAULT_QUEUE_LIMIT) -> None:
         """Serve the shared tier `tier` (kvfs.shared calls this once, at mount)."""
         self._shared_lock = threading.Lock()  # the per-file fill locks and the queue index
         self._fills: dict[int, list] = {}  # ino -> [lock, users]: one fill per file at a time
-        self._filling: set[int] = set()  # files being filled: their commit is not a publication
         self._queued: dict[int, int] = {}  # ino -> its sequence number in shared_queue
         self._queue_next = 1
         self.queue_limit = queue_limit
-        if not self.readonly:
+        if not self.core.readonly:
             with self.meta.begin() as txn:
                 for key, val in txn.cursor(db=self.meta.db["shared_queue"]):
                     seq = M.parse_u64(key)
                     self._queued[M.parse_queue_val(val)[0]] = seq
                     self._queue_next = seq + 1
         self.shared = tier
+        self.core.on_published = self.share_later
 
     # -- remote files ---------------------------------------------------------------
 
@@ -143,32 +158,30 @@ class SharedFiles:
         replace=(ino, mtime_ns): put it in place of local file `ino` (a version that lost
         to `m`), only if the name still is that file, unchanged and not being written;
         else return None."""
-        from .warehouse import POLICY_XATTRS, check_name, now_ns
-
         check_name(name)
-        self._check_writable()
+        self.core.check_writable()
         effects: list = []
         removed: list = []
         db = self.meta.db
-        with self._lock:
+        with self.core.lock:
             with self.meta.begin(write=True) as txn:
-                pdir = self._get_dir(txn, parent)
-                found = self._find(txn, parent, name)
+                pdir = self.ns.get_dir(txn, parent)
+                found = self.ns.find(txn, parent, name)
                 if replace is None and found is not None:
-                    return self._live(self._get_inode(txn, found[0]))
+                    return self.ns.live(self.ns.get_inode(txn, found[0]))
                 old = None
                 if replace is not None:
                     ino, mtime_ns = replace
                     if found is None or found[0] != ino:
                         return None
-                    old = self._get_inode(txn, ino)
-                    of = self._open.get(ino)
-                    if old.mtime_ns != mtime_ns or (of is not None and (of.writers or of.changed or of.changes or of.dirty)):
+                    old = self.ns.get_inode(txn, ino)
+                    of = self.core.open.get(ino)
+                    if old.mtime_ns != mtime_ns or (of is not None and of.busy()):
                         return None
                 is_dir = m.kind == "dir"
                 # Not set-user/group-ID from a manifest: a store's writer is not to grant that.
                 mode = (stat.S_IFDIR if is_dir else stat.S_IFREG) | (m.mode & 0o1777)
-                inode = self._new_inode(txn, mode, m.uid, m.gid, pdir)
+                inode = self.ns.new_inode(txn, mode, m.uid, m.gid, pdir)
                 if old is not None:
                     inode.flags |= old.flags & M.F_PINNED  # a pinned file stays pinned
                 if not is_dir:
@@ -183,24 +196,24 @@ class SharedFiles:
                         txn.put(M.xattr_key(inode.ino, key), value, db=db["xattrs"])
                 t = now_ns()
                 if old is not None:
-                    self._remove_entry(txn, parent, name)
-                    self._drop_link(txn, old, t, effects)
+                    self.ns.remove_entry(txn, parent, name)
+                    self.ns.drop_link(txn, old, t, effects)
                     removed.append((parent, name, old.ino))
                 # The inode first: linking it then counts its size in the quotas above.
                 self.meta.put_inode(txn, inode)
-                self._add_entry(txn, parent, name, inode.ino)
+                self.ns.add_entry(txn, parent, name, inode.ino)
                 self.meta.put_lineage(txn, inode.ino, M.Lineage(inode.ctime_ns, m.uid, m.gid, 0, 0, SHARED_COMM))
-                self._touch_dir(txn, pdir, t, 1 if is_dir else 0)
-            self._apply(effects)
-        self._notify_removed(removed)
+                self.ns.touch_dir(txn, pdir, t, 1 if is_dir else 0)
+            self.blocks.apply(effects)
+        self.core.notify_removed(removed)
         return inode
 
     def _mark_remote_format(self, txn) -> None:
-        if self.sb.get("format") != M.FORMAT_REMOTE:
+        if self.core.sb.get("format") != M.FORMAT_REMOTE:
             sb = self.meta.get_json(txn, b"superblock")
             sb["format"] = M.FORMAT_REMOTE
             self.meta.put_json(txn, b"superblock", sb)
-            self.sb = sb
+            self.core.sb = sb
 
     @contextlib.contextmanager
     def _fill_lock(self, ino: int):
@@ -217,7 +230,7 @@ class SharedFiles:
                     del self._fills[ino]
 
     def _check_fillable(self, ino: int) -> None:
-        if self.readonly:
+        if self.core.readonly:
             raise SharedUnavailable(f"inode {ino}: its data is still in the shared tier, and a "
                                     "read-only mount cannot fetch it")
         if self.shared is None:
@@ -240,13 +253,11 @@ class SharedFiles:
             self._fill(inode, *rec)
 
     def _fill(self, inode: M.Inode, remote_bs: int, hashes: list) -> None:
-        from .warehouse import Pending
-
-        bs = self.block_size
+        bs = self.core.block_size
         size = inode.size
         nblocks = (size + bs - 1) // bs
-        with self._lock:
-            of = self._file(inode)
+        with self.core.lock:
+            of = self.files.file(inode)
             self._filling.add(inode.ino)
         try:
             if remote_bs == bs:
@@ -261,13 +272,13 @@ class SharedFiles:
                 planned = {h for h, _ in missing}
                 firsts: dict[bytes, Pending] = {}
                 for idx, h in plan:
-                    with self._lock:
+                    with self.core.lock:
                         if h in firsts:  # the same block again in this file
                             p = firsts[h]
-                            self._held[h] += 1
+                            self.blocks.hold(h)
                             of.changes[idx] = Pending(h, p.dev, p.offset, p.stored_len, p.raw_len, p.codec, False)
                             continue
-                        if self._reuse(of, idx, h):
+                        if self.files.reuse(of, idx, h):
                             continue
                     data = None
                     # In plan order; skips what was reused meanwhile. A block that was local
@@ -278,8 +289,8 @@ class SharedFiles:
                             break
                     if data is None:  # local at planning, gone since: fetch it now
                         data = next(iter(self.shared.fetch_blocks([(h, min(bs, size - idx * bs))])))[1]
-                    with self._lock:
-                        self._store(of, idx, data)
+                    with self.core.lock:
+                        self.files.store(of, idx, data)
                         p = of.changes.get(idx)
                         if p is not None:
                             firsts[h] = p
@@ -294,23 +305,23 @@ class SharedFiles:
                     data = b"" if h is None else next(fetched)[1]
                     buf += data + bytes(n - len(data))  # a hole, or a block stored short
                     while len(buf) >= bs or (buf and idx * bs + len(buf) >= size):
-                        with self._lock:
-                            self._store(of, idx, buf[:bs])
+                        with self.core.lock:
+                            self.files.store(of, idx, buf[:bs])
                         del buf[:bs]
                         idx += 1
-            with self._lock:
+            with self.core.lock:
                 of.changed = True
-                self._commit(of)
+                self.files.commit(of)
                 with self.meta.begin(write=True) as txn:
                     txn.delete(M.ino_key(inode.ino), db=self.meta.db["remote"])
                 self._filling.discard(inode.ino)
-                self._maybe_close(of)
+                self.files.maybe_close(of)
                 self.counters["shared_fetched_files"] += 1
         except BaseException as exc:
-            with self._lock:
-                self._discard(of)
+            with self.core.lock:
+                self.files.discard(of)
                 self._filling.discard(inode.ino)
-                self._maybe_close(of)
+                self.files.maybe_close(of)
             if isinstance(exc, RemoteMissing):
                 self._forget_remote(inode.ino)
                 raise NotFound(f"inode {inode.ino}: {exc}; dropped, as if evicted") from None
@@ -321,50 +332,34 @@ class SharedFiles:
         file (its names go, the kernel is told); its paths count as misses for a while."""
         effects: list = []
         removed: list = []
-        with self._lock:
+        with self.core.lock:
             with self.meta.begin(write=True) as txn:
                 if self._remote_record(txn, ino) is None:
                     return
                 for parent, name in self.meta.names_of(txn, ino):
-                    base = self._path(txn, parent)
+                    base = self.ns.dir_path(txn, parent)
                     if base is not None and self.shared is not None:
                         self.shared.remember_miss(base + b"/" + name if base else name)
-                self._remove_names(txn, ino, effects, removed)
-            self._apply(effects)
-        self._notify_removed(removed)
+                self.ns.remove_names(txn, ino, effects, removed)
+            self.blocks.apply(effects)
+        self.core.notify_removed(removed)
 
     def _usable(self, txn, h: bytes) -> bool:
         rec = self.meta.get_block(txn, h)
-        return rec is not None and (h, rec.dev, rec.offset) not in self.bad_blocks
-
-    def _reuse(self, of, idx: int, h: bytes) -> bool:
-        """Point block `idx` of `of` at the stored block `h`, if it is stored and sound
-        (as _store does when it finds written bytes stored already). Under the lock."""
-        from .warehouse import Pending
-
-        with self.meta.begin() as txn:
-            rec = self.meta.get_block(txn, h)
-        if rec is None or (h, rec.dev, rec.offset) in self.bad_blocks:
-            return False
-        self._held[h] += 1
-        of.changes[idx] = Pending(h, rec.dev, rec.offset, rec.stored_len, rec.raw_len, rec.codec, False)
-        self.counters["dedup_blocks"] += 1
-        return True
+        return rec is not None and not self.blocks.is_damaged(h, rec.dev, rec.offset)
 
     def drop_remote(self, ino: int) -> None:
         """A remote file is truncated to nothing: its data need not be fetched. The record
         goes in the transaction that makes its size 0, so no state has size without data."""
-        from .warehouse import now_ns
-
         if not self.remote_pending(ino):  # (a read first: no write transaction for nothing)
             return
         with self._fill_lock(ino) if self.shared is not None else contextlib.nullcontext():
-            with self._lock, self.meta.begin(write=True) as txn:
+            with self.core.lock, self.meta.begin(write=True) as txn:
                 if self._remote_record(txn, ino) is None:
                     return
-                self._check_writable()
+                self.core.check_writable()
                 txn.delete(M.ino_key(ino), db=self.meta.db["remote"])
-                inode = self._get_inode(txn, ino)
+                inode = self.ns.get_inode(txn, ino)
                 inode.size = 0
                 inode.mtime_ns = inode.ctime_ns = now_ns()
                 self.meta.put_inode(txn, inode)
@@ -381,13 +376,11 @@ class SharedFiles:
     def share_later(self, ino: int) -> None:
         """Queue `ino` for upload: it was published here (called by _commit, rename and
         setxattr, with or without the lock held)."""
-        if self.shared is None or self.readonly or ino in self._filling:
+        if self.shared is None or self.core.readonly or ino in self._filling:
             return
-        from .warehouse import now_ns
-
         db = self.meta.db["shared_queue"]
         dropped = 0
-        with self._lock:
+        with self.core.lock:
             with self.meta.begin(write=True) as txn:
                 if not _regular_published(self.meta.get_inode(txn, ino)):
                     return
@@ -437,7 +430,7 @@ class SharedFiles:
 
     def finish_upload(self, seq: int, ino: int) -> None:
         """Take entry `seq` off the queue (unless the file was queued again since)."""
-        with self._lock:
+        with self.core.lock:
             with self.meta.begin(write=True) as txn:
                 txn.delete(M.u64(seq), db=self.meta.db["shared_queue"])
             if self._queued.get(ino) == seq:
@@ -445,40 +438,21 @@ class SharedFiles:
 
     # -- snapshots for the uploader ------------------------------------------------------
 
-    def _path(self, txn, ino: int) -> bytes | None:
-        """The path of directory `ino` relative to the root (b"" for the root), or None
-        if it has no name (a retired tree)."""
-        parts = []
-        for _ in range(4096):
-            if ino == M.ROOT_INO:
-                return b"/".join(reversed(parts))
-            names = self.meta.names_of(txn, ino)
-            if not names:
-                return None
-            ino, name = names[0]
-            parts.append(name)
-        return None
-
     def path_of(self, ino: int) -> bytes | None:
         with self.meta.begin() as txn:
-            return self._path(txn, ino)
+            return self.ns.dir_path(txn, ino)
 
     def paths_now(self, ino: int) -> set[bytes]:
         """The paths under which file `ino` can be found now."""
         with self.meta.begin() as txn:
-            out = set()
-            for parent, name in self.meta.names_of(txn, ino):
-                base = self._path(txn, parent)
-                if base is not None:
-                    out.add(base + b"/" + name if base else name)
-            return out
+            return {path for _, _, path in self.ns.paths(txn, ino)}
 
     def dir_attributes(self, path: bytes) -> tuple | None:
         """(mode, uid, gid, mtime_ns, user.* xattrs) of the directory at `path`, or None."""
         with self.meta.begin() as txn:
             ino = M.ROOT_INO
             for part in M.path_parts(path):
-                found = self._find(txn, ino, part)
+                found = self.ns.find(txn, ino, part)
                 if found is None:
                     return None
                 ino = found[0]
@@ -492,16 +466,12 @@ class SharedFiles:
     def share_snapshot(self, ino: int) -> Snapshot | None:
         """The committed state of published file `ino`, its blocks held; None if it is
         gone, not a published regular file, or a remote file (its data came from there)."""
-        with self._lock, self.meta.begin() as txn:
+        with self.core.lock, self.meta.begin() as txn:
             inode = self.meta.get_inode(txn, ino)
             if not _regular_published(inode) or self._remote_record(txn, ino) is not None:
                 return None
-            names = []
-            for parent, name in self.meta.names_of(txn, ino):
-                base = self._path(txn, parent)
-                if base is not None:
-                    names.append((parent, name, base + b"/" + name if base else name))
-            bs = self.block_size
+            names = self.ns.paths(txn, ino)
+            bs = self.core.block_size
             hashes = [None] * ((inode.size + bs - 1) // bs)
             for key, h in self.meta.iter_prefix(txn, "bmap", M.ino_key(ino)):
                 idx = M.parse_bmap_key(key)[1]
@@ -513,34 +483,23 @@ class SharedFiles:
                             hashes, xattrs, names)
             snap.held = sorted({h for h in hashes if h is not None})
             for h in snap.held:
-                self._held[h] += 1
+                self.blocks.hold(h)
             return snap
 
     def share_release(self, snap: Snapshot) -> None:
-        effects: list = []
-        with self._lock:
-            with self.meta.begin(write=True) as txn:
-                for h in snap.held:
-                    left = self._held[h] - 1
-                    if left > 0:
-                        self._held[h] = left
-                        continue
-                    self._held.pop(h, None)  # (gone if the warehouse closed without waiting)
-                    rec = self.meta.get_block(txn, h)
-                    if rec is not None and rec.refcount == 0:  # its file went meanwhile
-                        self._settle(txn, h, rec, effects, collections.Counter())
-            snap.held = []
-            self._apply(effects)
+        with self.core.lock:
+            held, snap.held = snap.held, []
+            self.blocks.release(held)  # (a block whose file went meanwhile is freed)
 
     def read_block(self, h: bytes) -> bytes:
         """The verified bytes of stored block `h` (held by a snapshot)."""
-        with self._lock, self.meta.begin() as txn:
+        with self.core.lock, self.meta.begin() as txn:
             rec = self.meta.get_block(txn, h)
             if rec is None:
                 raise NotFound(f"block {h.hex()} is not stored")
-            gen = self.devices.read_begin()
+            gen = self.core.devices.read_begin()
         # A damaged block is never uploaded: quarantined (it belongs to no one file here).
-        return self._verified(gen, 0, self._fetch, (h, rec.dev, rec.offset, rec.stored_len, rec.raw_len, rec.codec))
+        return self.cache.verified(gen, 0, self.cache.fetch, record_loc(h, rec))
 
     def shared_stats(self, txn, totals: dict[str, int]) -> dict | None:
         """The shared tier's part of stats() (its read transaction, its counters): None if

@@ -437,7 +437,7 @@ def test_gc_finds_planted_leaks_and_reclaims_only_with_delete(make_mount):
     try:
         ino = w.lookup(M.ROOT_INO, b"f").ino
         with w.meta.begin(write=True) as txn:
-            w._remove_entry(txn, M.ROOT_INO, b"f")
+            w.namespace.remove_entry(txn, M.ROOT_INO, b"f")
             inode = w.meta.get_inode(txn, ino)
             inode.nlink = 0
             inode.ctime_ns = time.time_ns()

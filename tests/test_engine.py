@@ -224,7 +224,7 @@ def test_failed_truncate_changes_nothing(tmp_path):
         h = txn.get(M.bmap_key(ino.ino, 1), db=w.meta.db["bmap"])
         rec = w.meta.get_block(txn, h)
     os.pwrite(w.devices.devices[rec.dev].fd, b"\xff", rec.offset + 10)  # rot block 1
-    w._cache.clear()
+    w.cache._cache.clear()
     held = w.open(ino.ino, write=True)  # the file is open while the truncate fails
     with pytest.raises(CorruptError):
         w.setattr(ino.ino, size=BS + 100)
@@ -243,7 +243,7 @@ def _corrupt_first_block(w, ino):
         h = txn.get(M.bmap_key(ino, 0), db=w.meta.db["bmap"])
         rec = w.meta.get_block(txn, h)
     os.pwrite(w.devices.devices[rec.dev].fd, b"\x00", rec.offset + 5)
-    w._cache.clear()
+    w.cache._cache.clear()
     return bytes(h)
 
 
@@ -390,7 +390,7 @@ def test_gc_between_the_halves_of_create_cannot_drop_the_new_file(tmp_path):
 
     path = _fresh(tmp_path)
     w = Warehouse(path)
-    make = w._make
+    make = w.namespace.make
     reports = []
 
     def make_then_gc(*args, **kw):
@@ -400,10 +400,10 @@ def test_gc_between_the_halves_of_create_cannot_drop_the_new_file(tmp_path):
         t.join(timeout=0.5)  # gc waits for the lock that create still holds
         return inode
 
-    w._make = make_then_gc
+    w.namespace.make = make_then_gc
     fh, inode = w.create(M.ROOT_INO, b"new", 0o644, 0, 0)
     w.release(fh)
-    w._make = make
+    w.namespace.make = make
     deadline = __import__("time").monotonic() + 10
     while not reports and __import__("time").monotonic() < deadline:
         __import__("time").sleep(0.01)
@@ -477,7 +477,7 @@ def test_close_frees_blocks_an_unfinished_upload_still_held(tmp_path):
     fh, inode = w.create(M.ROOT_INO, b"f", 0o644, 0, 0)
     w.write(fh, 0, _blk(3))
     w.release(fh)
-    snap = w.share_snapshot(inode.ino)
+    snap = w.sharing.share_snapshot(inode.ino)
     assert snap is not None and snap.held
     w.unlink(M.ROOT_INO, b"f")
     with w.meta.begin() as txn:  # kept by the hold alone
@@ -521,9 +521,9 @@ def test_a_sequential_reader_is_read_ahead_each_block_once_then_served_from_the_
     w.drop_cache()
     before = dict(w.stats()["counters"])
     fh = w.open(ino)
-    assert w._fetching == {}
+    assert w.cache._fetching == {}
     w.release(fh)
-    w._ahead_pool.submit(lambda: None).result()
+    w.cache._ahead_pool.submit(lambda: None).result()
     assert w.stats()["counters"]["device_reads"] == before["device_reads"]
     w.close()
 
@@ -670,15 +670,15 @@ def test_read_ahead_that_cannot_start_leaves_no_read_registered(tmp_path):
     w = Warehouse(path)
     ino = _distinct_blocks_file(w, b"f", 4)
     w.release(w.open(ino))  # (the pool exists now)
-    w._ahead_pool.submit(lambda: None).result()
-    w._ahead_pool.shutdown(wait=True)  # (its read-ahead is over; submit refuses from now on)
+    w.cache._ahead_pool.submit(lambda: None).result()
+    w.cache._ahead_pool.shutdown(wait=True)  # (its read-ahead is over; submit refuses from now on)
     assert w.devices._readers == {}
     w.drop_cache()
 
     fh = w.open(ino)
     assert w.read(fh, 0, BS) == bytes([1]) * BS
     w.release(fh)
-    assert w.devices._readers == {} and w._fetching == {}
+    assert w.devices._readers == {} and w.cache._fetching == {}
     fh, _ = w.create(M.ROOT_INO, b"g", 0o644, 0, 0)
     w.write(fh, 0, b"x" * BS)
     w.release(fh)
@@ -707,14 +707,14 @@ def test_read_ahead_queued_but_without_a_thread_ends_only_its_own_registration(t
     path = _fresh(tmp_path)
     w = Warehouse(path)
     ino = _distinct_blocks_file(w, b"f", 4)
-    w._ahead_pool = ThreadStartFails()
+    w.cache._ahead_pool = ThreadStartFails()
     other = w.devices.read_begin()  # a long read in progress elsewhere
     fh = w.open(ino)
-    w._ahead_pool.pool.shutdown(wait=True)  # (the queued task has run)
-    assert dict(w.devices._readers) == {other: 1} and w._fetching == {}
+    w.cache._ahead_pool.pool.shutdown(wait=True)  # (the queued task has run)
+    assert dict(w.devices._readers) == {other: 1} and w.cache._fetching == {}
     assert w.read(fh, 0, BS) == bytes([1]) * BS
     w.release(fh)
     w.devices.read_end(other)
     assert w.devices._readers == {}
-    w._ahead_pool = None  # (its stand-in has no shutdown)
+    w.cache._ahead_pool = None  # (its stand-in has no shutdown)
     w.close()

@@ -220,7 +220,7 @@ def test_deep_paths(hostile):
 
 # -- offsets and sizes ---------------------------------------------------------------------------
 
-MAX_FILE_SIZE = 1 << 50  # kvfs.warehouse.MAX_FILE_SIZE
+MAX_FILE_SIZE = 1 << 50  # kvfs.files.MAX_FILE_SIZE
 
 
 def test_huge_sparse_offsets_and_sizes(hostile):
