@@ -3,8 +3,8 @@
 Owns: reading a stored block from its device and verifying it against its hash before a
 byte of it is returned (a mismatch is Damaged: EIO, then quarantine through the
 `on_damaged` hook, never data), the cache of verified blocks, and the read-ahead threads
-that fill it for sequential readers. Its own lock (`_cache_lock`) guards the cache; it never
-takes Core.lock. Knows nothing of files or names: callers resolve a file's blocks to
+that fill it for sequential readers. Its own lock (`_cache_lock`) guards the cache; it takes
+Core.lock only through on_damaged, after a read has ended. Knows nothing of files or names: callers resolve a file's blocks to
 locations (hash, device, offset, stored length, raw length, codec) first.
 
 Read registration: every device read runs between DeviceSet.read_begin and read_end, so an

@@ -62,8 +62,9 @@ class BlockStore(Layer):
 
     # -- finding and writing ------------------------------------------------------------
 
-    def find(self, h: bytes) -> Pending | None:
-        """A reference to stored block `h` if it is stored and sound (dedup), else None."""
+    def dedup(self, h: bytes) -> Pending | None:
+        """A writer's reference to block `h` if it is stored and sound (counted as a block
+        deduplicated), else None: the writer stores it."""
         with self.meta.begin() as txn:
             rec = self.meta.get_block(txn, h)
         if rec is None or (h, rec.dev, rec.offset) in self.bad_blocks:
@@ -96,6 +97,13 @@ class BlockStore(Layer):
             return False
         self.held.pop(h, None)  # (gone if the warehouse closed without waiting)
         return True
+
+    def drop_holds(self, txn, effects: list) -> None:
+        """Let go of every hold, freeing what only they kept (a clean close: holds left
+        then are an upload's that will never finish)."""
+        for h in list(self.held):
+            del self.held[h]
+            self.settle_unreferenced(txn, h, effects)
 
     def release(self, hashes) -> None:
         """Let go of one hold on each of `hashes`, freeing a block nothing refers to any more."""
@@ -147,7 +155,7 @@ class BlockStore(Layer):
         self.meta.put_block(txn, p.hash, rec)
         return healed
 
-    def decref(self, txn, h: bytes, effects: list, releasing) -> None:
+    def decref(self, txn, h: bytes, effects: list, releasing=None) -> None:
         rec = self.meta.get_block(txn, h)
         if rec is None or rec.refcount == 0:
             # Metadata was already inconsistent: there is nothing to free. Failing here

@@ -293,10 +293,10 @@ class Files(Layer):
             return
         if old and old.hash == h:
             return
-        p = self.blocks.find(h)
+        p = self.blocks.dedup(h)
         if p is None:
             stored, used = codecs.encode(view, of.codec)
-            dev, off = self.policy.allocate(len(stored), (of.ino + idx) % len(self.core.devices.devices))
+            dev, off = self.policy.allocate(len(stored), (of.ino + idx) % len(self.devices.devices))
             p = self.blocks.write(h, stored, dev, off, raw_len, used)
         self.blocks.hold(h)
         of.changes[idx] = p
@@ -306,7 +306,7 @@ class Files(Layer):
     def reuse(self, of: OpenFile, idx: int, h: bytes) -> bool:
         """Point block `idx` of `of` at the stored block `h`, if it is stored and sound
         (as store does when it finds written bytes stored already)."""
-        p = self.blocks.find(h)
+        p = self.blocks.dedup(h)
         if p is None:
             return False
         self.blocks.hold(h)

@@ -7,7 +7,6 @@ resolution, and dropping an inode's data when its last name and last opener are 
 and quota attributes are kvfs.policy's, and truncation is kvfs.files'. Runs under Core.lock.
 """
 
-import collections
 import errno
 import logging
 import os
@@ -140,9 +139,8 @@ class Namespace(Layer):
 
     def purge_inode(self, txn, ino: int, effects: list) -> None:
         """Delete inode `ino` and drop its references to blocks."""
-        releasing = collections.Counter()
         for h in self.meta.delete_inode_records(txn, ino):
-            self.blocks.decref(txn, h, effects, releasing)
+            self.blocks.decref(txn, h, effects)
 
     def purge_orphans(self, txn, effects: list) -> int:
         """Purge every unlinked inode that was kept for a reference now gone."""
@@ -500,10 +498,8 @@ class Namespace(Layer):
         if name.startswith(b"user."):
             self.core.published(ino)  # annotations are part of what is shared
 
-    def listxattr(self, ino: int) -> list[bytes]:
-        with self.meta.begin() as txn:
-            self.get_inode(txn, ino)
-            return [k[8:] for k, _ in self.meta.iter_prefix(txn, "xattrs", M.ino_key(ino))]
+    def xattr_names(self, txn, ino: int) -> list[bytes]:
+        return [k[8:] for k, _ in self.meta.iter_prefix(txn, "xattrs", M.ino_key(ino))]
 
     def removexattr(self, ino: int, name: bytes) -> None:
         self.core.check_writable()

@@ -25,6 +25,7 @@ import time
 from . import meta as M
 from .core import Layer, now_ns
 from .errors import Invalid, NoAttr, NoSpace, NotADirectory, NotFound, QuotaExceeded
+from .namespace import check_xattr
 from .store import round_up
 from .units import parse_size
 
@@ -113,30 +114,28 @@ class Policy(Layer):
             return str(quota[0]).encode()
         raise NoAttr(f"no attribute {name!r}")
 
-    def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+    def setxattr(self, ino: int, name: bytes, value: bytes) -> int | None:
+        """Set the pin, ttl or quota; for a pin or ttl, returns the inodes changed."""
+        self.core.check_writable()
+        check_xattr(name, value)
         if name == PIN_XATTR:
-            self.set_pin(ino, _parse_flag(value))
-        elif name == TTL_XATTR:
-            self.set_ttl(ino, _parse_ttl(value))
-        else:
-            self.set_quota(ino, _parse_quota(value))
+            return self.set_pin(ino, _parse_flag(value))
+        if name == TTL_XATTR:
+            return self.set_ttl(ino, _parse_ttl(value))
+        return self.set_quota(ino, _parse_quota(value))
 
-    def listxattr(self, ino: int) -> list[bytes]:
-        with self.meta.begin() as txn:
-            inode = self.namespace.get_inode(txn, ino)
-            quota = self.meta.get_quota(txn, ino)
+    def xattr_names(self, txn, inode: M.Inode) -> list[bytes]:
+        """The policy attributes set on `inode`, as listxattr shows them."""
+        quota = self.meta.get_quota(txn, inode.ino)
         return [name for name, present in ((PIN_XATTR, inode.flags & M.F_PINNED), (TTL_XATTR, inode.ttl),
                                            (QUOTA_XATTR, quota is not None)) if present]
 
-    def removexattr(self, ino: int, name: bytes) -> None:
+    def removexattr(self, ino: int, name: bytes) -> int | None:
         self.core.check_writable()
         self.getxattr(ino, name)  # ENODATA when not set
         if name == QUOTA_XATTR:
-            self.set_quota(ino, None)
-        elif name == PIN_XATTR:
-            self.set_pin(ino, False)
-        else:
-            self.set_ttl(ino, 0)
+            return self.set_quota(ino, None)
+        return self.set_pin(ino, False) if name == PIN_XATTR else self.set_ttl(ino, 0)
 
     def set_pin(self, ino: int, pinned: bool) -> int:
         """Pin (never evict or expire) or unpin a file, or a directory and all below it.

@@ -96,7 +96,7 @@ class Reader(Layer):
                 self.cache.served(hits)
             self.core.accessed[h.ino] = now_ns()
             self.counters["cache_hits"] += len(hits)
-            return (self.core.devices.read_begin() if device else None), h.ino, parts
+            return (self.devices.read_begin() if device else None), h.ino, parts
         finally:
             lock.release()
 

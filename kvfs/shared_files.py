@@ -253,7 +253,7 @@ class SharedFiles(Layer):
             self._fill(inode, *rec)
 
     def _fill(self, inode: M.Inode, remote_bs: int, hashes: list) -> None:
-        bs = self.core.block_size
+        bs = self.block_size
         size = inode.size
         nblocks = (size + bs - 1) // bs
         with self.core.lock:
@@ -471,7 +471,7 @@ class SharedFiles(Layer):
             if not _regular_published(inode) or self._remote_record(txn, ino) is not None:
                 return None
             names = self.ns.paths(txn, ino)
-            bs = self.core.block_size
+            bs = self.block_size
             hashes = [None] * ((inode.size + bs - 1) // bs)
             for key, h in self.meta.iter_prefix(txn, "bmap", M.ino_key(ino)):
                 idx = M.parse_bmap_key(key)[1]
@@ -497,7 +497,7 @@ class SharedFiles(Layer):
             rec = self.meta.get_block(txn, h)
             if rec is None:
                 raise NotFound(f"block {h.hex()} is not stored")
-            gen = self.core.devices.read_begin()
+            gen = self.devices.read_begin()
         # A damaged block is never uploaded: quarantined (it belongs to no one file here).
         return self.cache.verified(gen, 0, self.cache.fetch, record_loc(h, rec))
 

@@ -38,7 +38,7 @@ from .files import Files
 from .layout import (
     BACKUP_DIRS, DEFAULT_DEVICE, META_DIR, POWER_CUT_DIR, default_size, take_lock,
 )
-from .namespace import Namespace, check_xattr
+from .namespace import Namespace
 from .policy import (
     DEFAULT_HIGH_WATERMARK, DEFAULT_LOW_WATERMARK, POLICY_XATTRS, REAP_BATCH, Policy, check_watermarks,
 )
@@ -138,9 +138,6 @@ class Warehouse:
             os.close(self._lock_fd)
             raise
         self.meta, self.devices = meta, devices
-        self.readonly = readonly
-        self.durability = durability
-        self.block_size = sb["block_size"]
         core = self.core = Core(self.path, sb, meta, devices, readonly, durability)
         self.counters = core.counters
         self._lock = core.lock
@@ -264,10 +261,7 @@ class Warehouse:
                     # they kept must not stay as an unreferenced record of a clean warehouse.
                     with self.meta.begin(write=True) as txn:
                         self.namespace.purge_orphans(txn, [])
-                        effects: list = []
-                        for h in list(self.blocks.held):
-                            del self.blocks.held[h]
-                            self.blocks.settle_unreferenced(txn, h, effects)
+                        self.blocks.drop_holds(txn, [])
                         self.meta.put_stats(txn, self.stats_totals())
                     # Clean only once the data is durable: a device that fails its sync
                     # leaves the warehouse unclean, and the next mount recovers.
@@ -446,6 +440,9 @@ class Warehouse:
     # -- state the mount and the tools read -------------------------------------------------
 
     sb = property(lambda self: self.core.sb, doc="The superblock as last written.")
+    readonly = property(lambda self: self.core.readonly)
+    durability = property(lambda self: self.core.durability)
+    block_size = property(lambda self: self.core.block_size)
     pressure = property(lambda self: self.core.pressure, doc="Set above the high watermark.")
     high_watermark = property(lambda self: self.policy.high_watermark)
     low_watermark = property(lambda self: self.policy.low_watermark)
@@ -520,26 +517,29 @@ class Warehouse:
     # Extended attributes: user.kvfs.pin, .ttl and .quota are the policy's, the rest the
     # namespace's.
 
-    def getxattr(self, ino: int, name: bytes) -> bytes:
-        layer = self.policy if name in POLICY_XATTRS else self.namespace
-        return layer.getxattr(ino, name)
+    def _xattrs(self, name: bytes):
+        return self.policy if name in POLICY_XATTRS else self.namespace
 
-    def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
-        self.core.check_writable()
-        check_xattr(name, value)
-        layer = self.policy if name in POLICY_XATTRS else self.namespace
-        layer.setxattr(ino, name, value)
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        return self._xattrs(name).getxattr(ino, name)
+
+    def setxattr(self, ino: int, name: bytes, value: bytes) -> int | None:
+        """Set an attribute; for user.kvfs.pin and .ttl, returns the inodes changed."""
+        return self._xattrs(name).setxattr(ino, name, value)
 
     def listxattr(self, ino: int) -> list[bytes]:
-        return self.namespace.listxattr(ino) + self.policy.listxattr(ino)
+        with self.meta.begin() as txn:  # one view of the inode, its attributes and its quota
+            inode = self.namespace.get_inode(txn, ino)
+            return self.namespace.xattr_names(txn, ino) + self.policy.xattr_names(txn, inode)
 
-    def removexattr(self, ino: int, name: bytes) -> None:
-        layer = self.policy if name in POLICY_XATTRS else self.namespace
-        layer.removexattr(ino, name)
+    def removexattr(self, ino: int, name: bytes) -> int | None:
+        return self._xattrs(name).removexattr(ino, name)
 
     # -- open files and reads (kvfs.files, kvfs.reads, kvfs.blockcache) ----------------------
 
     def open(self, ino: int, write: bool = False, append: bool = False) -> int:
+        if write:
+            self.core.check_writable()
         self.sharing.fill_remote(ino)  # data still in the shared tier is fetched first, not under the lock
         return self.files.open(ino, write, append)
 
