@@ -8,7 +8,8 @@ import subprocess
 import pytest
 
 from conftest import KVFS, Mount, daemon_pid, pid_alive, run_kvfs
-from kvfs.cli import main, parse_size
+from kvfs.tools.argtypes import parse_size
+from kvfs.tools.main import main
 from kvfs.errors import (
     EXIT_EXISTS, EXIT_IN_USE, EXIT_MOUNT_FAILED, EXIT_NO_WAREHOUSE, EXIT_NOT_MOUNTED, EXIT_USAGE,
 )
@@ -157,7 +158,7 @@ def test_man_pages_cover_every_command_and_option():
     is listed in kvfs(1); a page cannot silently fall behind --help."""
     from pathlib import Path
 
-    from kvfs.cli import SUBCOMMANDS, build_parser
+    from kvfs.tools.main import SUBCOMMANDS, build_parser
 
     man = Path(__file__).resolve().parent.parent / "man"
     overview = (man / "kvfs.1").read_text().replace("\\-", "-")
@@ -179,7 +180,7 @@ def test_man_pages_cover_every_command_and_option():
 def test_bench_runs_every_workload_and_reports_ratios():
     """The quick benchmark runs every workload against kvfs and the raw disk and reports
     both figures: it cannot rot. (Timings are for BENCHMARKS.md, not asserted here.)"""
-    from kvfs.bench import WORKLOADS
+    from kvfs.tools.bench import WORKLOADS
 
     res = run_kvfs("bench", "--scale", "quick", "--json", timeout=600)
     report = json.loads(res.stdout)
