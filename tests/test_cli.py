@@ -177,6 +177,78 @@ def test_man_pages_cover_every_command_and_option():
             assert f".SH {section}" in text, f"kvfs-{page}.8 has no {section}"
 
 
+def test_each_tool_runs_on_its_own_in_process(tmp_path, capsys):
+    """Every subcommand is a module of kvfs.tools with main(argv=None) -> int, callable
+    without the dispatcher, with the same messages and exit codes."""
+    from kvfs.tools import du, find, fsck, gc, ls, main as dispatcher, mkfs, pin, stat, tune, umount
+
+    assert [t.__name__.rpartition(".")[2] for t in dispatcher.TOOLS] == list(dispatcher.SUBCOMMANDS)
+    wh = str(tmp_path / "w")
+    assert mkfs.main([wh, "--size", "64M", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["devices"][0]["size"] == 64 << 20
+    assert tune.main([wh, "--high-watermark", "85%", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["high_watermark"] == 0.85
+    assert stat.main([wh, "--json"]) == 0 and json.loads(capsys.readouterr().out)["files"] == 0
+    for tool in (gc, fsck, ls, du, find):
+        assert tool.main([wh]) == 0, tool
+    capsys.readouterr()
+    assert umount.main([str(tmp_path)]) == EXIT_NOT_MOUNTED
+    assert pin.main([wh]) == EXIT_NOT_MOUNTED
+    assert mkfs.main([wh]) == EXIT_EXISTS
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"kvfs umount: {tmp_path} is not a kvfs mount point"
+    assert err[1] == f"kvfs pin: {wh}: not on a kvfs mount" and err[2].startswith("kvfs mkfs: ")
+    assert mkfs.main(["--bogus"]) == EXIT_USAGE
+
+
+def test_imports_point_one_way():
+    """The engine (kvfs/) never imports the tools; only kvfs.fs and kvfs.mount import
+    pyfuse3 or trio, so the tools work without them; no import cycle passes through the
+    tools, the control protocol or the mount modules (imports inside functions count)."""
+    import ast
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    graph = {}
+    for base, package in (("kvfs", "kvfs"), ("tools", "kvfs.tools")):
+        for path in sorted((root / base).glob("*.py")):
+            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
+            deps = set()
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    deps |= {a.name for a in node.names}
+                elif isinstance(node, ast.ImportFrom):
+                    mod = node.module or ""
+                    if node.level:
+                        parts = package.split(".")
+                        mod = ".".join(parts[:len(parts) - node.level + 1] + ([mod] if mod else []))
+                    deps |= {mod} | {f"{mod}.{a.name}" for a in node.names}
+            graph[name] = deps
+            if base == "kvfs":
+                assert not any(d.startswith("kvfs.tools") for d in deps), f"{name} imports the tools"
+            if name not in ("kvfs.fs", "kvfs.mount"):
+                assert not deps & {"pyfuse3", "trio"}, f"{name} imports pyfuse3 or trio"
+    graph = {k: {d for d in v if d in graph and d != k} for k, v in graph.items()}
+
+    def reach(start):
+        seen, todo = set(), [start]
+        while todo:
+            for d in graph[todo.pop()] - seen:
+                seen.add(d)
+                todo.append(d)
+        return seen
+
+    watched = [m for m in graph
+               if m.startswith("kvfs.tools") or m in ("kvfs.control", "kvfs.mount", "kvfs.mounttab", "kvfs.fs")]
+    cycles = [m for m in watched if m in reach(m)]
+    assert not cycles, f"import cycles through {cycles}"
+    res = subprocess.run([sys.executable, "-c", "import sys, kvfs.tools.main as m, kvfs.tools.client, kvfs.mounttab; "
+                          "m.build_parser(); print(sorted({'pyfuse3', 'trio'} & set(sys.modules)))"],
+                         capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "[]"
+
+
 def test_bench_runs_every_workload_and_reports_ratios():
     """The quick benchmark runs every workload against kvfs and the raw disk and reports
     both figures: it cannot rot. (Timings are for BENCHMARKS.md, not asserted here.)"""
