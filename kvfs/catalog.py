@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from . import meta as M
 from .errors import (
-    QuietError, EXIT_NEEDS_FSCK, EXIT_NO_WAREHOUSE, EXIT_NOT_MOUNTED, EXIT_PERMISSION, EXIT_USAGE,
+    QuietError, EXIT_NEEDS_FSCK, EXIT_NO_WAREHOUSE, EXIT_PERMISSION, EXIT_USAGE,
 )
 
 ANNOTATION_PREFIX = b"user.kvfs."
@@ -126,21 +126,6 @@ class Catalog:
                 if recursive and e.kind == "d":
                     children.append((inode.ino, e.path, e.annotations))
             stack.extend(reversed(children))
-
-
-def open_target(path: str) -> tuple[Catalog, str, str]:
-    """(catalog, path inside the warehouse, path to show) for a path inside a kvfs mount, or
-    for a warehouse directory (its root)."""
-    from .control import locate
-    from .mount import find_mount
-
-    if os.path.isdir(os.path.join(path, "meta")) and find_mount(path) is None:
-        return Catalog(path), "", path.rstrip("/") or "/"
-    try:
-        mountpoint, rel = locate(path)
-    except QuietError:
-        raise QuietError(f"{path} is neither inside a kvfs mount nor a warehouse", EXIT_NOT_MOUNTED) from None
-    return Catalog(find_mount(mountpoint, resolve=False)["source"]), rel, path
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""The control interface of a running mount, and how tools reach a warehouse.
+"""The control protocol of a running mount: its files, its requests and replies, and the
+daemon's side of it. How a tool reaches a mount or an unmounted warehouse is
+kvfs.tools.client's; this module imports neither kvfs.mount nor kvfs.tools.
 
 A mount has a hidden directory `.kvfs` in its root (served by kvfs.fs, not listed by
 readdir):
@@ -13,7 +15,7 @@ readdir):
                       search the directories on the way. A batch costs one round trip.
 
 Requests and replies (`run` below is the one dispatcher, used in the daemon and, for an
-unmounted warehouse, in the tool's own process):
+unmounted warehouse, in the tool's own process: kvfs.tools.client.Local):
 
     {"op": "stats"}                                  -> Warehouse.stats()
     {"op": "retire", "path": "models/llama-7b"}      -> {"files", "bytes", "seconds"}
@@ -39,10 +41,7 @@ import math
 import os
 import time
 
-from .errors import (
-    Invalid, KvfsError, NotFound, QuietError,
-    EXIT_IN_USE, EXIT_INTERNAL, EXIT_NO_WAREHOUSE, EXIT_NOT_MOUNTED, EXIT_PERMISSION, EXIT_USAGE,
-)
+from .errors import Invalid, KvfsError, NotFound
 
 CONTROL_DIR = ".kvfs"
 CONTROL_FILE = "control"
@@ -143,14 +142,7 @@ def handle(wh, raw: bytes) -> bytes:
     return json.dumps(reply).encode() + b"\n"
 
 
-# -- the tools' side ----------------------------------------------------------------------
-
-_EXIT_FOR_ERRNO = {
-    errno.ENOENT: EXIT_USAGE, errno.EINVAL: EXIT_USAGE, errno.ENOTDIR: EXIT_USAGE,
-    errno.ENAMETOOLONG: EXIT_USAGE,
-    errno.EACCES: EXIT_PERMISSION, errno.EPERM: EXIT_PERMISSION, errno.EROFS: EXIT_IN_USE,
-}
-
+# -- the client's side of the wire (kvfs.kv's batch lookup, kvfs.tools.client) -----------
 
 def exchange(path: str, request: bytes) -> bytes:
     """Write one request to a .kvfs file and read its whole reply (from offset 0,
@@ -164,108 +156,3 @@ def exchange(path: str, request: bytes) -> bytes:
         return b"".join(chunks)
     finally:
         os.close(fd)
-
-
-def exit_for(err: int) -> int:
-    return _EXIT_FOR_ERRNO.get(err, EXIT_INTERNAL)
-
-
-class Remote:
-    """A warehouse served by a running mount, reached through its control file."""
-
-    def __init__(self, mountpoint: str):
-        self.mountpoint = mountpoint
-        self.path = os.path.join(mountpoint, CONTROL_DIR, CONTROL_FILE)
-
-    def call(self, op: str, **args) -> dict:
-        if op == "stats" and not args:
-            # The same snapshot, from a file that anyone may read on any mount: the control
-            # file cannot be opened for writing on a read-only mount.
-            try:
-                with open(os.path.join(self.mountpoint, CONTROL_DIR, STATS_FILE), "rb") as f:
-                    return json.loads(f.read())
-            except OSError as exc:
-                raise QuietError(f"{self.mountpoint}: cannot read {STATS_FILE}: {exc.strerror}",
-                                 exit_for(exc.errno)) from None
-        try:
-            raw = exchange(self.path, json.dumps({"op": op, **args}).encode())
-        except OSError as exc:
-            if exc.errno == errno.EROFS:  # refused at open, by the kernel
-                raise QuietError(f"{self.mountpoint} is mounted read-only: {op!r} cannot run there",
-                                 EXIT_IN_USE) from None
-            if exc.errno in (errno.EACCES, errno.EPERM):  # refused at open
-                raise QuietError(f"{self.mountpoint}: the control interface is for root and "
-                                 "the warehouse owner", EXIT_PERMISSION) from None
-            if exc.errno in (errno.ENOENT, errno.ENOTCONN):
-                raise QuietError(f"{self.path}: {exc.strerror}", EXIT_NOT_MOUNTED) from None
-            raise QuietError(f"{self.mountpoint}: the daemon failed to carry out {op!r} "
-                             f"({exc.strerror}); see the warehouse's kvfs.log", exit_for(exc.errno)) from None
-        reply = json.loads(raw)
-        if not reply.pop("ok"):
-            raise QuietError(reply["error"], exit_for(reply.get("errno", errno.EIO)))
-        return reply
-
-    def close(self) -> None:
-        pass
-
-
-class Local:
-    """An unmounted warehouse, opened in this process for the duration of a tool."""
-
-    def __init__(self, warehouse: str, write: bool):
-        from .warehouse import Warehouse
-
-        self.wh = Warehouse(warehouse, check_only=not write)
-
-    def call(self, op: str, **args) -> dict:
-        try:
-            return run(self.wh, op, args)
-        except KvfsError as exc:
-            raise QuietError(str(exc), exit_for(exc.errno)) from None
-
-    def close(self) -> None:
-        self.wh.close()
-
-
-def connect(target: str, write: bool = False):
-    """A Remote for a kvfs mount point, or for a warehouse that a mount is serving; a
-    Local for an unmounted warehouse (opened read-write only when `write`)."""
-    from . import meta as M
-    from .mount import find_mount, wait_unlocked
-    from .layout import META_DIR
-
-    if find_mount(target) is not None:
-        return Remote(os.path.realpath(target))
-    meta_dir = os.path.join(target, META_DIR)
-    if not os.path.isdir(meta_dir):
-        raise QuietError(f"{target} is neither a kvfs mount point nor a warehouse", EXIT_NO_WAREHOUSE)
-    if not wait_unlocked(target, 0):
-        try:
-            meta = M.Meta(meta_dir, readonly=True)
-            try:
-                with meta.begin() as txn:
-                    mountpoint = (meta.get_json(txn, b"state") or {}).get("mountpoint")
-            finally:
-                meta.close()
-        except Exception:
-            mountpoint = None
-        if mountpoint and find_mount(mountpoint, resolve=False) is not None:
-            return Remote(mountpoint)
-        raise QuietError(f"{target} is in use by another process (not a mount this tool can reach)", EXIT_IN_USE)
-    return Local(target, write)
-
-
-def locate(path: str) -> tuple[str, str]:
-    """(mount point, path relative to it) of a path inside a kvfs mount. The last
-    component is not resolved: a symbolic link names itself, not its target."""
-    from .mount import kvfs_mounts
-
-    parent, name = os.path.split(os.path.abspath(path))
-    full = os.path.join(os.path.realpath(parent), name) if name else os.path.realpath(parent)
-    best = None
-    for mp in kvfs_mounts():
-        if (full == mp or full.startswith(mp.rstrip("/") + "/")) and (best is None or len(mp) > len(best)):
-            best = mp
-    if best is None:
-        raise QuietError(f"{path} is not inside a kvfs mount", EXIT_NOT_MOUNTED)
-    return best, os.path.relpath(full, best) if full != best else ""

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 
-KVFS = [sys.executable, "-m", "kvfs.cli"]
+KVFS = [sys.executable, "-m", "kvfs.tools"]
 
 
 def kvfs(*args, check=True):

@@ -41,9 +41,9 @@ import time
 
 import xxhash
 
-from kvfs.mount import daemon_pid
+from kvfs.mounttab import daemon_pid
 
-KVFS = [sys.executable, "-m", "kvfs.cli"]
+KVFS = [sys.executable, "-m", "kvfs.tools"]
 HEADER = struct.Struct(">4s48sIQ16s")  # magic, key, version, payload length, xxh3-128(payload)
 MAGIC = b"KVCT"
 SIZES = (1, 4095, 70000, 300000, 1 << 20, (1 << 20) + 12345)
@@ -217,7 +217,7 @@ class Trial:
         time.sleep(rng.uniform(self.args.min_run, self.args.max_run))
         killed_at = time.time()
         os.kill(pid, signal.SIGKILL)
-        from kvfs.mount import detach_dead, find_mount
+        from kvfs.mounttab import detach_dead, find_mount
 
         entry = find_mount(self.mnt)
         if entry is not None:

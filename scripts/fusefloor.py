@@ -28,7 +28,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from kvfs.bench import (MiB, SCALES, _files, _read_files, _write_files, create_rate,  # noqa: E402
+from kvfs.tools.bench import (MiB, SCALES, _files, _read_files, _write_files, create_rate,  # noqa: E402
                         drop_caches, lookup_names, miss_rate, stat_rate)
 
 READ_BUF = memoryview(os.urandom(4 * MiB))
@@ -158,7 +158,7 @@ def _interrupt_when_parent_dies() -> None:
 
 def _unmount(mnt: str) -> None:
     from kvfs.errors import QuietError
-    from kvfs.mount import fusermount_unmount
+    from kvfs.mounttab import fusermount_unmount
 
     for lazy in (False, True):  # busy or dead: detach it
         try:

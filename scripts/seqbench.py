@@ -20,7 +20,7 @@ import tempfile
 import time
 
 CHUNK = 1 << 20
-KVFS = [sys.executable, "-m", "kvfs.cli"]
+KVFS = [sys.executable, "-m", "kvfs.tools"]
 
 
 def drop_caches():

@@ -23,10 +23,10 @@ import tempfile
 import time
 import uuid
 
-from kvfs.bench import drop_caches
+from kvfs.tools.bench import drop_caches
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-KVFS = [sys.executable, "-m", "kvfs.cli"]
+KVFS = [sys.executable, "-m", "kvfs.tools"]
 
 
 def kvfs(*args):

@@ -48,9 +48,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # this checkout's kvfs, here and in the kvfs commands run below
 
-from kvfs.mount import daemon_pid, pid_alive  # noqa: E402
+from kvfs.mounttab import daemon_pid, pid_alive  # noqa: E402
 
-KVFS = [sys.executable, "-m", "kvfs.cli"]
+KVFS = [sys.executable, "-m", "kvfs.tools"]
 HDR = struct.Struct(">8sQQ32s")  # magic, key, body length, sha256(body)
 MAGIC = b"KVFSSOAK"
 KEYSPACE = 1 << 20

@@ -13,10 +13,10 @@ import time
 
 import pytest
 
-from kvfs.cli import main as kvfs_main
-from kvfs.mount import abort_connection, daemon_pid, find_mount, pid_alive  # noqa: F401 (tests import them from here)
+from kvfs.tools.main import main as kvfs_main
+from kvfs.mounttab import abort_connection, daemon_pid, find_mount, pid_alive  # noqa: F401 (tests import them from here)
 
-KVFS = [sys.executable, "-m", "kvfs.cli"]
+KVFS = [sys.executable, "-m", "kvfs.tools"]
 
 
 def wait_for(cond, timeout=15.0):

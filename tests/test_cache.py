@@ -520,8 +520,8 @@ def _control_checks(m):
     # probe imports what it needs as root: the interpreter may live where nobody can read.
     probe = textwrap.dedent(f'''
         import os, sys
-        import kvfs.cli, kvfs.control, kvfs.mount, kvfs.warehouse, kvfs.fsck
-        kvfs.cli.build_parser()  # and what the parser imports
+        import kvfs.tools.main, kvfs.tools.client, kvfs.control, kvfs.mount, kvfs.mounttab, kvfs.warehouse, kvfs.fsck
+        kvfs.tools.main.build_parser()  # and what the parser imports
         os.setgid(65534); os.setuid(65534)
         try:
             os.open({m.p(".kvfs", "control")!r}, os.O_RDWR)
@@ -529,7 +529,7 @@ def _control_checks(m):
         except PermissionError:
             pass
         open({m.p(".kvfs", "stats.json")!r}).read()
-        sys.exit(kvfs.cli.main(["gc", {m.path!r}]))
+        sys.exit(kvfs.tools.main.main(["gc", {m.path!r}]))
     ''')
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert res.returncode == EXIT_PERMISSION, res.stderr

@@ -8,7 +8,8 @@ import subprocess
 import pytest
 
 from conftest import KVFS, Mount, daemon_pid, pid_alive, run_kvfs
-from kvfs.cli import main, parse_size
+from kvfs.tools.argtypes import parse_size
+from kvfs.tools.main import main
 from kvfs.errors import (
     EXIT_EXISTS, EXIT_IN_USE, EXIT_MOUNT_FAILED, EXIT_NO_WAREHOUSE, EXIT_NOT_MOUNTED, EXIT_USAGE,
 )
@@ -157,7 +158,7 @@ def test_man_pages_cover_every_command_and_option():
     is listed in kvfs(1); a page cannot silently fall behind --help."""
     from pathlib import Path
 
-    from kvfs.cli import SUBCOMMANDS, build_parser
+    from kvfs.tools.main import SUBCOMMANDS, build_parser
 
     man = Path(__file__).resolve().parent.parent / "man"
     overview = (man / "kvfs.1").read_text().replace("\\-", "-")
@@ -176,10 +177,34 @@ def test_man_pages_cover_every_command_and_option():
             assert f".SH {section}" in text, f"kvfs-{page}.8 has no {section}"
 
 
+def test_each_tool_runs_on_its_own_in_process(tmp_path, capsys):
+    """Every subcommand is a module of kvfs.tools with main(argv=None) -> int, callable
+    without the dispatcher, with the same messages and exit codes."""
+    from kvfs.tools import du, find, fsck, gc, ls, main as dispatcher, mkfs, pin, stat, tune, umount
+
+    assert [t.__name__.rpartition(".")[2] for t in dispatcher.TOOLS] == list(dispatcher.SUBCOMMANDS)
+    wh = str(tmp_path / "w")
+    assert mkfs.main([wh, "--size", "64M", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["devices"][0]["size"] == 64 << 20
+    assert tune.main([wh, "--high-watermark", "85%", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["high_watermark"] == 0.85
+    assert stat.main([wh, "--json"]) == 0 and json.loads(capsys.readouterr().out)["files"] == 0
+    for tool in (gc, fsck, ls, du, find):
+        assert tool.main([wh]) == 0, tool
+    capsys.readouterr()
+    assert umount.main([str(tmp_path)]) == EXIT_NOT_MOUNTED
+    assert pin.main([wh]) == EXIT_NOT_MOUNTED
+    assert mkfs.main([wh]) == EXIT_EXISTS
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"kvfs umount: {tmp_path} is not a kvfs mount point"
+    assert err[1] == f"kvfs pin: {wh}: not on a kvfs mount" and err[2].startswith("kvfs mkfs: ")
+    assert mkfs.main(["--bogus"]) == EXIT_USAGE
+
+
 def test_bench_runs_every_workload_and_reports_ratios():
     """The quick benchmark runs every workload against kvfs and the raw disk and reports
     both figures: it cannot rot. (Timings are for BENCHMARKS.md, not asserted here.)"""
-    from kvfs.bench import WORKLOADS
+    from kvfs.tools.bench import WORKLOADS
 
     res = run_kvfs("bench", "--scale", "quick", "--json", timeout=600)
     report = json.loads(res.stdout)

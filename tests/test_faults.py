@@ -15,8 +15,8 @@ import pytest
 
 from conftest import run_kvfs
 from kvfs import meta as M
-from kvfs.bench import drop_caches
-from kvfs.control import Remote
+from kvfs.tools.bench import drop_caches
+from kvfs.tools.client import Remote
 from kvfs.warehouse import Warehouse
 
 KiB = 1 << 10

@@ -20,8 +20,8 @@ NOBODY, ALICE = 65534, 1000
 
 PRELUDE = '''
 import ctypes, errno, json, os, stat, sys
-import kvfs.cli, kvfs.control, kvfs.mount, kvfs.catalog, kvfs.warehouse, kvfs.fsck
-kvfs.cli.build_parser()  # and what the parser imports
+import kvfs.tools.main, kvfs.tools.client, kvfs.control, kvfs.mount, kvfs.mounttab, kvfs.catalog, kvfs.warehouse, kvfs.fsck
+kvfs.tools.main.build_parser()  # and what the parser imports
 libc = ctypes.CDLL(None, use_errno=True)
 uid = int(sys.argv[1])
 os.setgroups([])
@@ -49,7 +49,7 @@ def tool(*argv):
     """Exit status of a kvfs command run in this process, its output dropped."""
     import contextlib, io
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        return kvfs.cli.main(list(argv))
+        return kvfs.tools.main.main(list(argv))
 
 def control(path, request):
     fd = os.open(path, os.O_RDWR)

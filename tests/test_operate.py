@@ -120,8 +120,8 @@ def test_another_user_gets_posix_rules_quota_and_no_control(public_mount):
     os.setxattr(m.p("tenants", "nobody"), "user.kvfs.quota", b"4M")
     probe = textwrap.dedent(f'''
         import errno, json, os, sys
-        import kvfs.cli, kvfs.control, kvfs.mount, kvfs.catalog, kvfs.warehouse, kvfs.fsck
-        kvfs.cli.build_parser()  # and what the parser imports
+        import kvfs.tools.main, kvfs.tools.client, kvfs.control, kvfs.mount, kvfs.mounttab, kvfs.catalog, kvfs.warehouse, kvfs.fsck
+        kvfs.tools.main.build_parser()  # and what the parser imports
         os.setgid(65534); os.setuid(65534)
         out = {{}}
         def attempt(name, fn):
@@ -141,7 +141,7 @@ def test_another_user_gets_posix_rules_quota_and_no_control(public_mount):
         attempt("raise quota", lambda: os.setxattr({m.p("tenants", "nobody")!r}, "user.kvfs.quota", b"1G"))
         attempt("control", lambda: os.open({m.p(".kvfs", "control")!r}, os.O_RDWR))
         for cmd in (["retire", {secret!r}], ["gc", {m.path!r}], ["ls", {m.path!r}]):
-            out[cmd[0]] = kvfs.cli.main(cmd)
+            out[cmd[0]] = kvfs.tools.main.main(cmd)
         print(json.dumps(out))
     ''')
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
@@ -257,7 +257,7 @@ def test_fsck_finds_and_repairs_planted_metadata_damage(make_mount):
     report = json.loads(res.stdout)
     assert res.returncode == EXIT_FSCK_ERRORS and len(report["problems"]) == 4, report
     # On a terminal fsck shows its progress.
-    cmd = " ".join([sys.executable, "-m", "kvfs.cli", "fsck", m.warehouse])
+    cmd = " ".join([sys.executable, "-m", "kvfs.tools", "fsck", m.warehouse])
     tty = subprocess.run(["script", "-qec", f"stty cols 100 rows 30; {cmd}", "/dev/null"],
                          capture_output=True, text=True)
     assert "kvfs fsck: checking" in tty.stdout and "records" in tty.stdout

@@ -374,6 +374,33 @@ def test_outage_local_files_served_calls_bounded_uploads_resume(tmp_path, store_
         sw.stop()
 
 
+def test_s3_server_keeps_its_state_in_its_own_directory(tmp_path, monkeypatch):
+    """SeaweedFS, started and started again on the same data, keeps everything (volumes,
+    the filer's store filerldb2, its log) under the test's directory: nothing lands in the
+    repository root or in the directory the tests run in, whatever a filer.toml in the
+    home directory says."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    before = set(os.listdir(root))
+    cwd = tmp_path / "cwd"
+    home = tmp_path / "home"
+    os.makedirs(cwd)
+    os.makedirs(home / ".seaweedfs")
+    (home / ".seaweedfs" / "filer.toml").write_text('[leveldb2]\nenabled = true\ndir = "./filerldb2"\n')
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("HOME", str(home))
+    sw = Seaweed(tmp_path / "sw")
+    try:
+        for _ in range(2):
+            sw.start()
+            sw.client().put_object(Bucket=BUCKET, Key="state", Body=b"x")
+            sw.kill()
+    finally:
+        sw.stop()
+    assert os.listdir(cwd) == [] and os.listdir(home) == [".seaweedfs"]
+    assert set(os.listdir(root)) - before == set()
+    assert os.path.isdir(os.path.join(sw.data, "filerldb2"))
+
+
 def test_corrupt_block_in_the_bucket_is_refused(nodes, seaweed):
     a = nodes("a")
     b = nodes("b")

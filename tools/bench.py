@@ -1,6 +1,7 @@
 """kvfs bench: each workload on a kvfs mount and on a plain directory of the same disk (the
 raw baseline), in the same run, alternating, repeated; the median of each is reported with
-the ratio kvfs/raw. Nothing here is a pass/fail test: the numbers are for people.
+the ratio kvfs/raw. Nothing here is a pass/fail test: the numbers are for people. It drives
+kvfs only as a client does (the `kvfs` command, file I/O on the mount): no engine module.
 
 Without --mount, a file-backed warehouse is made and mounted in --dir for the run and the
 raw baseline is a directory beside it (so both sit on the same disk); with --mount, the raw
@@ -21,6 +22,10 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+
+from kvfs.errors import EXIT_OK, EXIT_USAGE, QuietError
+
+from . import command
 
 MiB = 1 << 20
 
@@ -372,9 +377,27 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def run_bench(args) -> int:
-    from .errors import EXIT_OK, EXIT_USAGE, QuietError
+def add_parser(sub) -> None:
+    s = command.subparser(sub, "bench", run, help="measure kvfs against the raw disk, same run, as ratios",
+                          description="Run each workload (sequential files, client O_DIRECT, the vLLM "
+                                      "filesystem-tier pattern, metadata in a big directory, parallel "
+                                      "readers, space savings) on a kvfs mount and on a plain directory of "
+                                      "the same disk, alternating, and print the medians with kvfs/raw.",
+                          epilog="examples:\n  kvfs bench\n  kvfs bench --scale full --json > bench.json\n"
+                                 "  kvfs bench --mount /mnt/kvfs --raw /data/raw --only seq --only vllm")
+    s.add_argument("--scale", choices=sorted(SCALES), default="standard",
+                   help="quick (seconds), standard (default, a few minutes), full (1,000,000 entries)")
+    s.add_argument("--only", action="append", choices=WORKLOADS, metavar="WORKLOAD",
+                   help=f"run only this workload ({', '.join(WORKLOADS)}); repeat for several")
+    s.add_argument("--dir", default="/var/tmp", help="where to make the temporary warehouse and raw "
+                   "directory (default /var/tmp): the disk under test")
+    s.add_argument("--mount", metavar="MOUNTPOINT", help="use this kvfs mount instead of a temporary one")
+    s.add_argument("--raw", metavar="DIR", help="with --mount: a plain directory on the same disk")
+    s.add_argument("--json", action="store_true", help="print the results as JSON")
+    s.add_argument("--markdown", action="store_true", help="print a whole BENCHMARKS.md document")
 
+
+def run(args) -> int:
     scale = SCALES[args.scale]
     workloads = args.only or list(WORKLOADS)
     own = args.mount is None
@@ -382,7 +405,7 @@ def run_bench(args) -> int:
         raise QuietError("with --mount, give --raw: a plain directory on the same disk", EXIT_USAGE)
     base = tempfile.mkdtemp(prefix="kvfs-bench-", dir=args.dir) if own else None
     mount, raw = args.mount, args.raw
-    kvfs = [sys.executable, "-m", "kvfs.cli"]
+    kvfs = [sys.executable, "-m", "kvfs.tools"]
     try:
         if own:
             raw, mount = os.path.join(base, "raw"), os.path.join(base, "mnt")
@@ -434,3 +457,7 @@ def markdown(rows: list[Row], machine: dict, args) -> str:
         table(rows),
         "",
     ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    return command.main(add_parser, argv)

@@ -1,0 +1,59 @@
+"""How one command runs: parse, call, and turn what it raises into one line on stderr and
+a documented exit code (kvfs.errors, man/). Shared by the dispatcher and each tool's main();
+knows no subcommand's options or work."""
+
+import argparse
+import logging
+import sys
+
+from kvfs.errors import QuietError, EXIT_INTERNAL, EXIT_USAGE
+
+# Exit code for an OSError on a path the user named, per subcommand.
+OS_ERROR_EXIT = {"mkfs": 9, "mount": 6, "umount": 6, "fsck": 3, "gc": 3, "tune": 3, "stat": 3}
+
+
+def run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
+    """Parse `argv` (the subcommand first) and carry it out; the exit code."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        return args.func(args)
+    except QuietError as exc:
+        print(f"kvfs {args.command}: {exc}", file=sys.stderr)
+        return exc.exitcode
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:  # a path the user gave: one line, no traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"kvfs {args.command}: {where}{exc.strerror or exc}", file=sys.stderr)
+        return OS_ERROR_EXIT.get(args.command, EXIT_INTERNAL)
+    except Exception as exc:  # a bug: keep the traceback, in the log if there is one
+        logging.getLogger("kvfs").exception("internal error")
+        print(f"kvfs {args.command}: internal error: {exc!r}", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def parser(prog: str = "kvfs", **kw) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """A `kvfs` parser and its (required) subcommand list, for add_parser()s to fill."""
+    p = argparse.ArgumentParser(prog=prog, **kw)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    return p, sub
+
+
+def main(add_parser, argv: list[str] | None) -> int:
+    """One tool on its own: `argv` is what follows its name on the `kvfs` command line."""
+    p, sub = parser()
+    add_parser(sub)
+    (name,) = sub.choices
+    return run(p, [name, *(sys.argv[1:] if argv is None else argv)])
+
+
+def subparser(sub, name: str, run, **kw) -> argparse.ArgumentParser:
+    """The parser of subcommand `name`, carried out by `run(args)`; its description and
+    examples (the epilog) are printed as written."""
+    s = sub.add_parser(name, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+    s.set_defaults(func=run)
+    return s
