@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+from conftest import find_mount, run_kvfs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOAK = "tests/test_soak.py"
 
@@ -58,3 +60,49 @@ def test_test_sh_options_alone_run_the_whole_suite():
     res, out = bash("test.sh", "-k", "test_soak_script_briefly", "--collect-only", "-q", "-p", "no:cacheprovider")
     assert res.returncode == 0 and collected(out) == [f"{SOAK}::test_soak_script_briefly"], out[-3000:]
     assert f"1/{len(everything)} tests collected ({len(everything) - 1} deselected)" in out, out[-3000:]
+
+
+def test_quickstart_points_a_stale_kvfs_link_here_and_leaves_others_alone(tmp_path):
+    kvfs = os.path.join(ROOT, ".venv", "bin", "kvfs")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    link = bin_dir / "kvfs"
+    mnt = tmp_path / "mnt"
+    env = {"KVFS_LINK": str(link), "KVFS_WAREHOUSE": str(tmp_path / "wh"), "KVFS_MOUNT": str(mnt),
+           "KVFS_SIZE": "64M", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    try:
+        # An older checkout's link (gone since): pointed at this checkout.
+        os.symlink("/srv/old-clone/.venv/bin/kvfs", link)
+        res, out = bash("quickstart.sh", env=env)
+        assert res.returncode == 0, out
+        assert os.readlink(link) == kvfs
+        assert f"kvfs: {link} -> {kvfs} (was -> /srv/old-clone/.venv/bin/kvfs)" in out, out
+        assert f"Unmount with:  kvfs umount {mnt}" in out, out
+        assert "setup:" not in out, out  # installed already: nothing to say
+
+        # Again: the link is right, the warehouse mounted; both said in a line.
+        res, out = bash("quickstart.sh", env=env)
+        assert res.returncode == 0 and f"kvfs: {link} -> {kvfs}\n" in out and "already mounted" in out, out
+
+        # Not a kvfs link of ours: left alone, and how to call this checkout's kvfs instead.
+        for other in ("file", "link"):
+            os.unlink(link)
+            if other == "file":
+                link.write_text("#!/bin/sh\necho some other kvfs\n")
+            else:
+                os.symlink("/opt/vendor/bin/kvfs", link)
+            res, out = bash("quickstart.sh", env=env)
+            assert res.returncode == 0, out
+            what = "a regular file" if other == "file" else "a link to /opt/vendor/bin/kvfs"
+            assert (f"kvfs: {link} is {what}, not a kvfs checkout's: left alone; "
+                    f"call this checkout's kvfs as {kvfs}\n") in out, out
+            assert f"Unmount with:  {kvfs} umount {mnt}" in out, out
+            if other == "file":
+                assert link.read_text() == "#!/bin/sh\necho some other kvfs\n"
+            else:
+                assert os.readlink(link) == "/opt/vendor/bin/kvfs"
+    finally:
+        if find_mount(str(mnt), resolve=False) is not None:
+            run_kvfs("umount", mnt, check=False)
+        if find_mount(str(mnt), resolve=False) is not None:
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
