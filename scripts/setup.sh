@@ -1,9 +1,51 @@
 #!/usr/bin/env bash
 # Idempotent, non-interactive set-up: Debian packages (fuse3, libfuse3-dev, pkg-config, fio),
 # a virtualenv in .venv, kvfs with its test dependencies and the inference clients the tests
-# drive (KVFS_SKIP_CLIENTS=1 skips those: the quickstart does). Safe to run again and again.
+# drive (KVFS_SKIP_CLIENTS=1 skips those: the quickstart does). Safe to run again and again:
+# each step it does prints one line (what, then how long it took); nothing to do, nothing
+# printed. pip's own output goes to .venv/pip.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# step LOG WHAT COMMAND...: run COMMAND (stdin closed, output appended to LOG) as one line:
+# "setup: WHAT... done in N s". On failure, the end of LOG and where it is; setup stops.
+step() {
+    local log=$1 what=$2 t0=$SECONDS
+    shift 2
+    printf 'setup: %s... ' "$what"
+    if "$@" </dev/null >>"$log" 2>&1; then
+        echo "done in $((SECONDS - t0)) s"
+    else
+        echo "failed"
+        tail -n 30 "$log" >&2
+        echo "setup: $what failed (full log: $log)" >&2
+        exit 1
+    fi
+}
+
+apt_install() {
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}
+
+venv_pip() {
+    .venv/bin/python -m pip --disable-pip-version-check "$@"
+}
+
+install_kvfs() {
+    venv_pip install -q --upgrade pip && venv_pip install -q -e ".[test]"
+}
+
+# torch is asked for on its own, pinned, first: that takes the CPU build this machine keeps
+# on disk, where lmcache's bare "torch" requirement would otherwise pull a CUDA build of
+# several GB.
+CLIENTS=("torch==2.13.0" "lmcache==0.5.6")
+install_clients() {
+    local spec
+    for spec in "${CLIENTS[@]}"; do
+        venv_pip install -q "$spec" || return
+    done
+}
 
 need=()
 command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
@@ -15,10 +57,10 @@ if [ ${#need[@]} -gt 0 ]; then
         echo "setup: missing Debian packages: ${need[*]} (run as root, or install them)" >&2
         exit 1
     fi
-    echo "setup: installing ${need[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq </dev/null
-    apt-get install -y -qq --no-install-recommends "${need[@]}" </dev/null >/dev/null
+    # Before .venv exists: the log goes to a temporary file, kept only if apt fails.
+    log=$(mktemp -t kvfs-setup-apt.XXXXXX.log)
+    step "$log" "installing ${need[*]} with apt-get (about a minute)" apt_install "${need[@]}"
+    rm -f "$log"
 fi
 if [ ! -e /dev/fuse ]; then
     echo "setup: /dev/fuse is missing: this machine cannot mount FUSE filesystems" >&2
@@ -26,33 +68,28 @@ fi
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
-    echo "setup: creating .venv"
-    "$PY" -m venv .venv
+    log=$(mktemp -t kvfs-setup-venv.XXXXXX.log)
+    step "$log" "creating .venv (about 10 s)" "$PY" -m venv .venv
+    rm -f "$log"
 fi
+
+# Each install is done again when what it was asked for changed (its stamp) or what it
+# installed is missing.
 stamp=.venv/.kvfs-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! .venv/bin/python -c "import kvfs, pyfuse3" 2>/dev/null; then
-    echo "setup: installing kvfs and its dependencies into .venv"
-    if ! { .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip &&
-           .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"; } \
-           </dev/null >.venv/pip.log 2>&1; then
-        tail -n 30 .venv/pip.log >&2
-        echo "setup: pip install failed (full log: .venv/pip.log)" >&2
-        exit 1
-    fi
-    echo "$want" > "$stamp"
+    : >.venv/pip.log
+    step .venv/pip.log "installing kvfs and its dependencies into .venv (about 30 s)" install_kvfs
+    echo "$want" >"$stamp"
 fi
 
-# Real inference clients for the tests (LMCache on the CPU). torch is asked for on its own,
-# pinned, first: that takes the CPU build this machine keeps on disk, where lmcache's bare
-# "torch" requirement would otherwise pull a CUDA build of several GB.
-if [ "${KVFS_SKIP_CLIENTS:-}" != 1 ] && ! .venv/bin/python -c "import torch, lmcache" 2>/dev/null; then
-    echo "setup: installing the inference clients the tests use (torch CPU, LMCache)"
-    if ! { .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0" &&
-           .venv/bin/python -m pip install -q --disable-pip-version-check "lmcache==0.5.6"; } \
-           </dev/null >>.venv/pip.log 2>&1; then
-        tail -n 30 .venv/pip.log >&2
-        echo "setup: installing the clients failed (full log: .venv/pip.log)" >&2
-        exit 1
-    fi
+# Real inference clients for the tests (LMCache on the CPU). Found, not imported: importing
+# torch takes seconds, on every run of the tests.
+clients_stamp=.venv/.clients-installed
+if [ "${KVFS_SKIP_CLIENTS:-}" != 1 ] &&
+   { [ "$(cat "$clients_stamp" 2>/dev/null)" != "${CLIENTS[*]}" ] ||
+     ! .venv/bin/python -c 'import importlib.util as u; assert u.find_spec("torch") and u.find_spec("lmcache")' 2>/dev/null; }; then
+    step .venv/pip.log "installing the inference clients the tests use: torch (CPU), LMCache (a few minutes)" \
+        install_clients
+    echo "${CLIENTS[*]}" >"$clients_stamp"
 fi

@@ -15,8 +15,10 @@ and, from this process, now and then: kvfs stat, kvfs gc (report only), kvfs ret
 one kv/<hh> directory, and a check that the pinned reference files are intact. The
 warehouse is far smaller than what is written, so it runs at its high watermark and
 evicts all along. ENOENT for a file that was evicted, unlinked or retired meanwhile is
-what a cache does, not an error; wrong bytes are always an error, and so is any other
-errno (ENOSPC included: something evictable always exists).
+what a cache does, not an error; so is a retire that finds its directory gone (retired
+before and not yet made again by a writer: see retire_raced). Wrong bytes are always an
+error, and so is any other errno (ENOSPC included: something evictable always exists) and
+any other retire failure.
 
 The daemon's resident memory (VmRSS, and RssAnon: its heap) is sampled every few seconds.
 At the end the clients stop, the mount is unmounted and `kvfs fsck --json --verify-data`
@@ -49,6 +51,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # this checkout's kvfs, here and in the kvfs commands run below
 
 from kvfs.mounttab import daemon_pid, pid_alive  # noqa: E402
+from kvfs.tools.client import exit_for  # noqa: E402
 
 KVFS = [sys.executable, "-m", "kvfs.tools"]
 HDR = struct.Struct(">8sQQ32s")  # magic, key, body length, sha256(body)
@@ -244,6 +247,40 @@ def kvfs(*args, check=True, timeout=600) -> subprocess.CompletedProcess:
     return res
 
 
+NO_SUCH = os.strerror(errno.ENOENT).lower()  # "no such file or directory", as kvfs words it
+
+
+def inode_of(path: str) -> int | None:
+    try:
+        return os.lstat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def retire_raced(res: subprocess.CompletedProcess, target: str, ino_before: int | None) -> bool:
+    """Whether a failed `kvfs retire target` lost a race with the writers rather than failed:
+    retire said that very directory does not exist (the exit code kvfs gives ENOENT and
+    "<name>: no such file or directory"), and it indeed was not there all along: it is
+    absent now, or the directory there now is not the one seen before the call (absent
+    then, or another inode: a writer made it again; kvfs never reuses an inode number).
+    Any other failure, and an ENOENT for a directory that stayed put, is a real one."""
+    said_gone = (res.returncode == exit_for(errno.ENOENT)
+                 and res.stderr.strip().lower().endswith(f"{os.path.basename(target)}: {NO_SUCH}"))
+    return said_gone and (ino_before is None or inode_of(target) != ino_before)
+
+
+def retire(target: str) -> bool:
+    """kvfs retire `target`: True when it was retired, False when it was gone meanwhile
+    (retire_raced); RuntimeError for any other failure."""
+    before = inode_of(target)
+    res = kvfs("retire", target, check=False)
+    if res.returncode == 0:
+        return True
+    if retire_raced(res, target, before):
+        return False
+    raise RuntimeError(f"kvfs retire {target} exited {res.returncode}: {res.stderr.strip()}")
+
+
 def memory_kib(pid: int) -> tuple[int, int]:
     """(VmRSS, RssAnon) of a process in KiB."""
     fields = {}
@@ -341,10 +378,8 @@ def main(argv=None) -> int:
                         found = json.loads(kvfs("gc", mnt, "--json").stdout)
                         admin["gc_problems"] += len(found["problems"])
                     elif action == "retire":
-                        target = os.path.join(mnt, "kv", f"{rng.randrange(256):02x}")
-                        res = kvfs("retire", target, check=False)
-                        if res.returncode != 0 and os.path.exists(target):
-                            raise RuntimeError(f"kvfs retire {target}: {res.stderr.strip()}")
+                        if not retire(os.path.join(mnt, "kv", f"{rng.randrange(256):02x}")):
+                            action = "retire_gone"  # counted apart: expected, not an error
                     else:
                         for path, data in refs.items():
                             if read_whole(path, "direct") != data:

@@ -1,11 +1,14 @@
 """scripts/soak.py, briefly, so that it keeps working: mixed clients on a small warehouse
 at full capacity for a few seconds, then fsck."""
 
+import importlib.util
 import json
 import mmap
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,6 +24,47 @@ def test_soak_script_briefly(tmp_path):
     assert summary["evicted_files"] > 0, "the warehouse never filled up"
     assert summary["errors"] == {} and summary["wrong_bytes"] == 0
     assert summary["rss_mib"]["samples"] >= 5
+
+
+def load_soak():
+    spec = importlib.util.spec_from_file_location("soak", os.path.join(ROOT, "scripts", "soak.py"))
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    return soak
+
+
+def test_soak_retire_expects_only_the_race(mnt, tmp_path):
+    """The soak's retire role takes a directory that is gone when retire runs (retired
+    before, a writer not yet done making it again) as expected, and every other retire
+    failure as an error: real `kvfs retire` runs, on a real mount and off one."""
+    soak = load_soak()
+    os.makedirs(mnt.p("kv", "00"))
+    with open(mnt.p("kv", "00", "f.bin"), "wb") as f:
+        f.write(b"x" * 4096)
+    assert soak.retire(mnt.p("kv", "00")) is True and not os.path.exists(mnt.p("kv", "00"))
+    assert soak.retire(mnt.p("kv", "01")) is False  # absent before and after: the race
+
+    # The race as the soak met it: there before the call, gone when retire ran, made again
+    # by a writer before the script looks.
+    target = mnt.p("kv", "3c")
+    os.mkdir(target)
+    before = soak.inode_of(target)
+    os.rmdir(target)
+    res = soak.kvfs("retire", target, check=False)
+    os.mkdir(target)
+    assert res.returncode != 0 and soak.retire_raced(res, target, before), (res.returncode, res.stderr)
+    # The same reply for a directory that stayed put (the same inode before and after) is
+    # a real failure: the check after the call does not hide it.
+    assert not soak.retire_raced(res, target, soak.inode_of(target))
+
+    # Real failures: the mount's root (the exit code of ENOENT, another message) and paths
+    # on no kvfs mount, there or not.
+    with pytest.raises(RuntimeError, match="mount's root"):
+        soak.retire(mnt.path)
+    os.mkdir(tmp_path / "plain")
+    for path in (tmp_path / "plain", tmp_path / "absent"):
+        with pytest.raises(RuntimeError, match="not inside a kvfs mount"):
+            soak.retire(str(path))
 
 
 def malloc_arenas(pid) -> int:
