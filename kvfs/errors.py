@@ -95,6 +95,8 @@ EXIT_FSCK_ERRORS = 8  # fsck found inconsistencies (and did not repair them all)
 EXIT_DEVICE = 9  # a device is missing, too small, or belongs to another warehouse
 EXIT_NEEDS_FSCK = 10  # metadata is damaged: run kvfs fsck
 EXIT_PERMISSION = 11  # not permitted: the control interface is for root and the warehouse owner
+EXIT_INTERRUPTED = 130  # SIGINT (128 + 2, as a shell reports it)
+EXIT_PIPE = 141  # standard output's reader went away (128 + SIGPIPE, as a shell reports it)
 
 
 class QuietError(Exception):

@@ -11,7 +11,8 @@ from conftest import KVFS, Mount, daemon_pid, pid_alive, run_kvfs
 from kvfs.tools.argtypes import parse_size
 from kvfs.tools.main import main
 from kvfs.errors import (
-    EXIT_EXISTS, EXIT_IN_USE, EXIT_MOUNT_FAILED, EXIT_NO_WAREHOUSE, EXIT_NOT_MOUNTED, EXIT_USAGE,
+    EXIT_EXISTS, EXIT_IN_USE, EXIT_MOUNT_FAILED, EXIT_NO_WAREHOUSE, EXIT_NOT_MOUNTED, EXIT_PIPE,
+    EXIT_USAGE,
 )
 
 
@@ -37,6 +38,41 @@ def test_mkfs_refuses_existing_and_bad_input(tmp_path, capsys):
     assert main(["mkfs", str(tmp_path / "x"), "--size", "lots"]) == EXIT_USAGE
     assert main(["mkfs", str(tmp_path / "y"), "--size", "1M"]) == 9  # too small a device
     assert "too small" in capsys.readouterr().err
+
+
+def test_a_reader_that_goes_away_ends_each_tool_quietly(make_mount):
+    """`kvfs find ... | head -1` as coreutils do it: no message, and the status a shell
+    gives a command that SIGPIPE ended, which a `set -o pipefail` script tells apart from
+    every failure (EXIT_PIPE, 141). For find, ls and du the reader takes one line of more
+    than a pipe holds, then closes; stat, gc and tune print less, so their reader is gone
+    before they write (their output then fails at the last flush)."""
+    m = make_mount()
+    names = m.p("many")
+    os.mkdir(names)
+    for i in range(600):  # 600 lines of over 200 bytes from each of find, ls and du
+        open(os.path.join(names, f"{i:04d}" + "n" * 200), "w").close()
+
+    def ends_quietly(args, lines):
+        proc = subprocess.Popen([*KVFS, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            got = [proc.stdout.readline() for _ in range(lines)]
+            proc.stdout.close()
+            err = proc.stderr.read()
+            assert proc.wait(timeout=60) == EXIT_PIPE and err == b"", (args, proc.returncode, err)
+            assert all(got), (args, got)
+        finally:
+            proc.kill()
+            proc.wait()
+
+    for args in (["find", m.path], ["find", m.path, "--json"], ["ls", names], ["du", names],
+                 ["du", names, "--json"], ["find", m.warehouse, "--long"]):
+        ends_quietly(args, 1)
+    for args in (["stat", m.path], ["stat", m.path, "--json"], ["gc", m.path], ["tune", m.path]):
+        ends_quietly(args, 0)
+    # In a shell pipeline, with pipefail: 141 from kvfs, nothing on stderr, head's line.
+    res = subprocess.run(["bash", "-c", 'set -o pipefail; "$@" | head -1', "-", *KVFS, "find", m.path],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == EXIT_PIPE and res.stderr == "" and res.stdout == m.path + "\n", res
 
 
 def test_mount_errors(tmp_path, make_mount):

@@ -4,9 +4,10 @@ knows no subcommand's options or work."""
 
 import argparse
 import logging
+import os
 import sys
 
-from kvfs.errors import QuietError, EXIT_INTERNAL, EXIT_USAGE
+from kvfs.errors import QuietError, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_PIPE, EXIT_USAGE
 
 # Exit code for an OSError on a path the user named, per subcommand.
 OS_ERROR_EXIT = {"mkfs": 9, "mount": 6, "umount": 6, "fsck": 3, "gc": 3, "tune": 3, "stat": 3}
@@ -14,6 +15,15 @@ OS_ERROR_EXIT = {"mkfs": 9, "mount": 6, "umount": 6, "fsck": 3, "gc": 3, "tune":
 
 def run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     """Parse `argv` (the subcommand first) and carry it out; the exit code."""
+    try:
+        code = _carry_out(parser, argv)
+        sys.stdout.flush()  # here, not at exit: a reader that went away is seen below
+        return code
+    except BrokenPipeError:  # from what the command printed, or from that flush
+        return reader_gone()
+
+
+def _carry_out(parser: argparse.ArgumentParser, argv: list[str]) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
@@ -24,7 +34,9 @@ def run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
         print(f"kvfs {args.command}: {exc}", file=sys.stderr)
         return exc.exitcode
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        raise
     except OSError as exc:  # a path the user gave: one line, no traceback
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"kvfs {args.command}: {where}{exc.strerror or exc}", file=sys.stderr)
@@ -33,6 +45,22 @@ def run(parser: argparse.ArgumentParser, argv: list[str]) -> int:
         logging.getLogger("kvfs").exception("internal error")
         print(f"kvfs {args.command}: internal error: {exc!r}", file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def reader_gone() -> int:
+    """Standard output's reader went away (`kvfs find ... | head -1`): end as coreutils do
+    in a pipeline, without a word, with the status a shell gives a command killed by SIGPIPE.
+    Not by that signal itself: SIGPIPE stays ignored in a process that may be serving a
+    mount (`kvfs mount --foreground`, the daemon kvfs mount starts). What is left in
+    Python's buffer would fail again at exit: standard output is pointed at /dev/null, as
+    the Python documentation recommends."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # a stdout without a descriptor (a test's capture)
+        pass
+    return EXIT_PIPE
 
 
 def parser(prog: str = "kvfs", **kw) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
