@@ -263,7 +263,7 @@ def test_pins_inheritance_and_enospc_only_when_all_is_pinned_or_open(make_mount,
     outside = tmp_path / "plain"
     outside.write_text("x")
     res = run_kvfs("pin", outside, check=False)
-    assert res.returncode == EXIT_NOT_MOUNTED and "not on a kvfs mount" in res.stderr
+    assert res.returncode == EXIT_NOT_MOUNTED and "is not inside a kvfs mount" in res.stderr
 
 
 def test_files_being_written_stay_and_open_readers_read_to_the_end(make_mount):

@@ -15,6 +15,8 @@ from kvfs.errors import (
     EXIT_USAGE,
 )
 
+MAN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "man")
+
 
 def test_parse_size():
     assert parse_size("4096") == 4096
@@ -38,6 +40,44 @@ def test_mkfs_refuses_existing_and_bad_input(tmp_path, capsys):
     assert main(["mkfs", str(tmp_path / "x"), "--size", "lots"]) == EXIT_USAGE
     assert main(["mkfs", str(tmp_path / "y"), "--size", "1M"]) == 9  # too small a device
     assert "too small" in capsys.readouterr().err
+
+
+def exit_status_codes(page: str) -> set[int]:
+    """The codes a man page's EXIT STATUS section lists."""
+    with open(os.path.join(MAN, page)) as f:
+        text = f.read()
+    section = text.split(".SH EXIT STATUS", 1)[1].split("\n.SH ", 1)[0]
+    return {int(line[3:]) for line in section.splitlines() if line[3:].isdigit() and line.startswith(".B ")}
+
+
+def test_a_path_that_is_no_kvfs_thing_gets_one_code_per_kind_of_tool(tmp_path, capsys):
+    """A plain directory given where a mount or a warehouse is expected. A tool that can
+    work on an unmounted warehouse says the path is none (EXIT_NO_WAREHOUSE), in one
+    wording; a tool that works only through a running mount says the path is on none
+    (EXIT_NOT_MOUNTED). Each tool's man page lists the code it gives."""
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    mp = f"{plain} is neither a kvfs mount point nor a warehouse"
+    inside = f"{plain} is neither inside a kvfs mount nor a warehouse"
+    expected = {
+        "stat": (EXIT_NO_WAREHOUSE, mp), "gc": (EXIT_NO_WAREHOUSE, mp), "tune": (EXIT_NO_WAREHOUSE, mp),
+        "ls": (EXIT_NO_WAREHOUSE, inside), "find": (EXIT_NO_WAREHOUSE, inside), "du": (EXIT_NO_WAREHOUSE, inside),
+        "fsck": (EXIT_NO_WAREHOUSE, f"{plain} is not a kvfs warehouse (no meta/)"),
+        "retire": (EXIT_NOT_MOUNTED, f"{plain} is not inside a kvfs mount"),
+        "pin": (EXIT_NOT_MOUNTED, f"{plain} is not inside a kvfs mount"),
+        "unpin": (EXIT_NOT_MOUNTED, f"{plain} is not inside a kvfs mount"),
+        "umount": (EXIT_NOT_MOUNTED, f"{plain} is not a kvfs mount point"),
+    }
+    for tool, (code, message) in expected.items():
+        for path in (plain, tmp_path / "absent"):
+            assert main([tool, str(path)]) == code, (tool, path)
+            assert capsys.readouterr().err == f"kvfs {tool}: {message}\n".replace(str(plain), str(path)), (tool, path)
+        page = "kvfs-pin.8" if tool == "unpin" else f"kvfs-{tool}.8"
+        listed = exit_status_codes(page)
+        other = EXIT_NOT_MOUNTED if code == EXIT_NO_WAREHOUSE else EXIT_NO_WAREHOUSE
+        assert code in listed, (page, listed)
+        if tool not in ("stat", "gc", "tune"):  # these give 7 when a mount goes away meanwhile
+            assert other not in listed, (page, listed)
 
 
 def test_a_reader_that_goes_away_ends_each_tool_quietly(make_mount):
@@ -233,7 +273,7 @@ def test_each_tool_runs_on_its_own_in_process(tmp_path, capsys):
     assert mkfs.main([wh]) == EXIT_EXISTS
     err = capsys.readouterr().err.splitlines()
     assert err[0] == f"kvfs umount: {tmp_path} is not a kvfs mount point"
-    assert err[1] == f"kvfs pin: {wh}: not on a kvfs mount" and err[2].startswith("kvfs mkfs: ")
+    assert err[1] == f"kvfs pin: {wh} is not inside a kvfs mount" and err[2].startswith("kvfs mkfs: ")
     assert mkfs.main(["--bogus"]) == EXIT_USAGE
 
 

@@ -26,6 +26,23 @@ def exit_for(err: int) -> int:
     return _EXIT_FOR_ERRNO.get(err, EXIT_INTERNAL)
 
 
+# A path that is no kvfs thing: one situation, so one code per kind of tool. A tool that
+# can open a warehouse itself was given no warehouse (EXIT_NO_WAREHOUSE, whatever else it
+# also takes); a tool that works only through a running mount was given a path on none.
+def not_a_warehouse(path: str, nor: str) -> QuietError:
+    """`path` is neither `nor` (what else the tool takes) nor a warehouse."""
+    return QuietError(f"{path} is neither {nor} nor a warehouse", EXIT_NO_WAREHOUSE)
+
+
+def not_on_a_mount(path: str) -> QuietError:
+    return QuietError(f"{path} is not inside a kvfs mount", EXIT_NOT_MOUNTED)
+
+
+# What a control or stats file of a mount gives once the mount is no longer served (its
+# daemon died, or it was unmounted meanwhile).
+_GONE = (errno.ENOENT, errno.ENOTCONN)
+
+
 class Remote:
     """A warehouse served by a running mount, reached through its control file."""
 
@@ -42,7 +59,7 @@ class Remote:
                     return json.loads(f.read())
             except OSError as exc:
                 raise QuietError(f"{self.mountpoint}: cannot read {control.STATS_FILE}: {exc.strerror}",
-                                 exit_for(exc.errno)) from None
+                                 EXIT_NOT_MOUNTED if exc.errno in _GONE else exit_for(exc.errno)) from None
         try:
             raw = control.exchange(self.path, json.dumps({"op": op, **args}).encode())
         except OSError as exc:
@@ -52,7 +69,7 @@ class Remote:
             if exc.errno in (errno.EACCES, errno.EPERM):  # refused at open
                 raise QuietError(f"{self.mountpoint}: the control interface is for root and "
                                  "the warehouse owner", EXIT_PERMISSION) from None
-            if exc.errno in (errno.ENOENT, errno.ENOTCONN):
+            if exc.errno in _GONE:
                 raise QuietError(f"{self.path}: {exc.strerror}", EXIT_NOT_MOUNTED) from None
             raise QuietError(f"{self.mountpoint}: the daemon failed to carry out {op!r} "
                              f"({exc.strerror}); see the warehouse's kvfs.log", exit_for(exc.errno)) from None
@@ -94,7 +111,7 @@ def connect(target: str, write: bool = False):
         return Remote(os.path.realpath(target))
     meta_dir = os.path.join(target, META_DIR)
     if not os.path.isdir(meta_dir):
-        raise QuietError(f"{target} is neither a kvfs mount point nor a warehouse", EXIT_NO_WAREHOUSE)
+        raise not_a_warehouse(target, "a kvfs mount point")
     if not wait_unlocked(target, 0):
         try:
             meta = M.Meta(meta_dir, readonly=True)
@@ -123,7 +140,7 @@ def locate(path: str) -> tuple[str, str]:
         if (full == mp or full.startswith(mp.rstrip("/") + "/")) and (best is None or len(mp) > len(best)):
             best = mp
     if best is None:
-        raise QuietError(f"{path} is not inside a kvfs mount", EXIT_NOT_MOUNTED)
+        raise not_on_a_mount(path)
     return best, os.path.relpath(full, best) if full != best else ""
 
 
@@ -138,5 +155,5 @@ def open_target(path: str):
     try:
         mountpoint, rel = locate(path)
     except QuietError:
-        raise QuietError(f"{path} is neither inside a kvfs mount nor a warehouse", EXIT_NOT_MOUNTED) from None
+        raise not_a_warehouse(path, "inside a kvfs mount") from None
     return Catalog(find_mount(mountpoint, resolve=False)["source"]), rel, path

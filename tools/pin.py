@@ -5,7 +5,7 @@ what a pin means is the warehouse's."""
 import errno
 import os
 
-from kvfs.errors import QuietError, EXIT_NOT_MOUNTED, EXIT_OK, EXIT_PERMISSION, EXIT_USAGE
+from kvfs.errors import QuietError, EXIT_OK, EXIT_PERMISSION, EXIT_USAGE
 
 from . import client, command
 
@@ -32,7 +32,7 @@ def set_pin(args, pinned: bool) -> int:
         try:
             client.locate(os.path.realpath(path))  # another filesystem would take the xattr as is
         except QuietError:
-            raise QuietError(f"{path}: not on a kvfs mount", EXIT_NOT_MOUNTED) from None
+            raise client.not_on_a_mount(path) from None
         try:
             os.setxattr(path, PIN_XATTR, b"1" if pinned else b"0")
         except OSError as exc:
