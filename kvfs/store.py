@@ -45,6 +45,12 @@ def device_size(path: str) -> int:
         os.close(fd)
 
 
+def _big_enough(path: str, size: int) -> int:
+    if size < DATA_START + 16 * ALLOC_UNIT:
+        raise QuietError(f"{path}: device too small ({size} bytes; need at least 2 MiB)", EXIT_DEVICE)
+    return size
+
+
 def prepare_device(path: str, size: int | None, wh_uuid: str, index: int, force: bool) -> int:
     """Create (files) or claim (block devices) a device and write its header.
 
@@ -58,6 +64,7 @@ def prepare_device(path: str, size: int | None, wh_uuid: str, index: int, force:
             if not exists:
                 raise QuietError(f"{path}: no such device; give a size (PATH:SIZE) to create a file", EXIT_DEVICE)
             size = os.stat(path).st_size
+        _big_enough(path, size)  # before the file is made or emptied
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -75,9 +82,7 @@ def prepare_device(path: str, size: int | None, wh_uuid: str, index: int, force:
             if fd >= 0:
                 os.close(fd)
     else:
-        size = device_size(path)
-    if size < DATA_START + 16 * ALLOC_UNIT:
-        raise QuietError(f"{path}: device too small ({size} bytes; need at least 2 MiB)", EXIT_DEVICE)
+        size = _big_enough(path, device_size(path))
     size = size // ALLOC_UNIT * ALLOC_UNIT
     fd = os.open(path, os.O_RDWR)
     try:

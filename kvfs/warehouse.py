@@ -80,41 +80,66 @@ class Warehouse:
             lock_fd = take_lock(path)  # refuse to wipe a mounted warehouse
             os.close(lock_fd)
             shutil.rmtree(meta_dir)
-        os.makedirs(path, exist_ok=True)
-        wh_uuid = str(uuidlib.uuid4())
-        if not devices:
-            devices = [(DEFAULT_DEVICE, size if size is not None else default_size(path))]
-        devs = []
-        for index, (dpath, dsize) in enumerate(devices):
-            full = dpath if os.path.isabs(dpath) else os.path.join(path, dpath)
-            real_size = prepare_device(full, dsize, wh_uuid, index, force or dpath == DEFAULT_DEVICE)
-            devs.append({"path": dpath, "size": real_size})
-        sb = {
-            "format": M.FORMAT_REVISION,
-            "uuid": wh_uuid,
-            "block_size": block_size,
-            "devices": devs,
-            "compression": compression,
-            "created": time.time(),
-            "high_watermark": high_watermark,
-            "low_watermark": low_watermark,
-        }
-        meta = M.Meta(meta_dir)
-        os.chmod(meta_dir, 0o700)  # names, lineage and annotations are for root and the owner
+        # What this call creates, it removes again if it fails: the warehouse directory, a
+        # device file, a directory made for one, the metadata. What was there before stays
+        # (a directory, a block device or file given with --device, files --force reuses).
+        made = []
+
+        def making(p: str) -> None:
+            top = None  # the topmost component of p that does not exist yet
+            while not os.path.lexists(p):
+                top, p = p, os.path.dirname(p)
+            if top is not None:
+                made.append(top)
+
+
         try:
-            with meta.begin(write=True) as txn:
-                meta.put_json(txn, b"superblock", sb)
-                meta.put_json(txn, b"state", {"clean": True})
-                for index, d in enumerate(devs):
-                    txn.put(M.free_key(index, DATA_START), M.u64(d["size"] - DATA_START), db=meta.db["free"])
-                t = now_ns()
-                root = M.Inode(M.ROOT_INO, stat.S_IFDIR | 0o755, 2, os.getuid(), os.getgid(), 0, t, t, t)
-                meta.put_inode(txn, root)
-                txn.put(b"next_ino", M.u64(M.ROOT_INO + 1), db=meta.db["counters"])
-                txn.put(b"next_entry", M.u64(1), db=meta.db["counters"])
-            meta.sync()
-        finally:
-            meta.close()
+            making(path)
+            os.makedirs(path, exist_ok=True)
+            wh_uuid = str(uuidlib.uuid4())
+            if not devices:
+                devices = [(DEFAULT_DEVICE, size if size is not None else default_size(path))]
+            devs = []
+            for index, (dpath, dsize) in enumerate(devices):
+                full = dpath if os.path.isabs(dpath) else os.path.join(path, dpath)
+                making(full)
+                real_size = prepare_device(full, dsize, wh_uuid, index, force or dpath == DEFAULT_DEVICE)
+                devs.append({"path": dpath, "size": real_size})
+            sb = {
+                "format": M.FORMAT_REVISION,
+                "uuid": wh_uuid,
+                "block_size": block_size,
+                "devices": devs,
+                "compression": compression,
+                "created": time.time(),
+                "high_watermark": high_watermark,
+                "low_watermark": low_watermark,
+            }
+            making(meta_dir)
+            meta = M.Meta(meta_dir)
+            os.chmod(meta_dir, 0o700)  # names, lineage and annotations are for root and the owner
+            try:
+                with meta.begin(write=True) as txn:
+                    meta.put_json(txn, b"superblock", sb)
+                    meta.put_json(txn, b"state", {"clean": True})
+                    for index, d in enumerate(devs):
+                        txn.put(M.free_key(index, DATA_START), M.u64(d["size"] - DATA_START), db=meta.db["free"])
+                    t = now_ns()
+                    root = M.Inode(M.ROOT_INO, stat.S_IFDIR | 0o755, 2, os.getuid(), os.getgid(), 0, t, t, t)
+                    meta.put_inode(txn, root)
+                    txn.put(b"next_ino", M.u64(M.ROOT_INO + 1), db=meta.db["counters"])
+                    txn.put(b"next_entry", M.u64(1), db=meta.db["counters"])
+                meta.sync()
+            finally:
+                meta.close()
+        except BaseException:
+            for p in reversed(made):
+                if os.path.isdir(p) and not os.path.islink(p):
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(p)
+            raise
         return sb
 
     # -- opening, recovery, closing ---------------------------------------------------

@@ -11,8 +11,8 @@ from conftest import KVFS, Mount, daemon_pid, pid_alive, run_kvfs
 from kvfs.tools.argtypes import parse_size
 from kvfs.tools.main import main
 from kvfs.errors import (
-    EXIT_EXISTS, EXIT_IN_USE, EXIT_MOUNT_FAILED, EXIT_NO_WAREHOUSE, EXIT_NOT_MOUNTED, EXIT_PIPE,
-    EXIT_USAGE,
+    EXIT_DEVICE, EXIT_EXISTS, EXIT_IN_USE, EXIT_MOUNT_FAILED, EXIT_NO_WAREHOUSE, EXIT_NOT_MOUNTED,
+    EXIT_PIPE, EXIT_USAGE,
 )
 
 MAN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "man")
@@ -40,6 +40,47 @@ def test_mkfs_refuses_existing_and_bad_input(tmp_path, capsys):
     assert main(["mkfs", str(tmp_path / "x"), "--size", "lots"]) == EXIT_USAGE
     assert main(["mkfs", str(tmp_path / "y"), "--size", "1M"]) == 9  # too small a device
     assert "too small" in capsys.readouterr().err
+
+
+def test_a_failed_mkfs_leaves_nothing_it_made(tmp_path, capsys):
+    """Every way mkfs can fail after it started making things: what it made goes, what was
+    there before stays (a directory and what is in it, a device file, what --force reuses)."""
+    # A new directory (and its new parent) with a default device that is too small.
+    assert main(["mkfs", str(tmp_path / "new" / "w"), "--size", "1K"]) == EXIT_DEVICE
+    assert "too small" in capsys.readouterr().err and not (tmp_path / "new").exists()
+    # A directory that was there, with a file of its own.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes").write_text("mine")
+    assert main(["mkfs", str(mine), "--size", "1K"]) == EXIT_DEVICE
+    assert os.listdir(mine) == ["notes"]
+    # A first device made (in directories made for it), a second one that was there and is
+    # too small: the first goes with its directories, the second stays as it was.
+    old = tmp_path / "old.img"
+    old.write_bytes(b"old" * 1000)
+    args = ["--device", f"{tmp_path}/devs/a/a.img:64M", "--device", "b.img:64M", "--device", str(old)]
+    assert main(["mkfs", str(mine), *args]) == EXIT_DEVICE
+    assert "too small" in capsys.readouterr().err
+    assert not (tmp_path / "devs").exists() and os.listdir(mine) == ["notes"]
+    assert old.read_bytes() == b"old" * 1000
+    # --force over a warehouse: the device file it reuses stays, the one it made goes.
+    wh = tmp_path / "w"
+    assert main(["mkfs", str(wh), "--size", "64M"]) == 0
+    assert main(["mkfs", str(wh), "--force", "--device", "data0.img", "--device", "more.img:1K"]) == EXIT_DEVICE
+    assert os.path.getsize(wh / "data0.img") == 64 << 20 and not (wh / "more.img").exists()
+    assert not (wh / "meta").exists()  # --force had replaced the old warehouse's
+    capsys.readouterr()
+
+
+def test_a_negative_size_is_refused_as_such(tmp_path, capsys):
+    """`--size -5G` is a value, not an unknown option: the message gives the real reason."""
+    for args in (["--size", "-5G"], ["--size=-5G"], ["--device", "a.img:-5G"], ["--block-size", "-1M"]):
+        assert main(["mkfs", str(tmp_path / "w"), *args]) == EXIT_USAGE, args
+        err = capsys.readouterr().err
+        assert f"a size must be positive: '{args[-1].rpartition('=')[2].rpartition(':')[2]}'" in err, err
+        assert "expected one argument" not in err and not (tmp_path / "w").exists()
+    assert main(["find", str(tmp_path), "--min-size", "-1"]) == EXIT_USAGE
+    assert "a size must be positive: '-1'" in capsys.readouterr().err
 
 
 def exit_status_codes(page: str) -> set[int]:

@@ -11,10 +11,20 @@ def parse_size(text: str) -> int:
     try:
         value = units.parse_size(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        if not (text.strip().startswith("-") and _is_size(text.strip()[1:])):
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        value = -1  # a size with a minus sign
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+        raise argparse.ArgumentTypeError(f"a size must be positive: {text!r}")
     return value
+
+
+def _is_size(text: str) -> bool:
+    try:
+        units.parse_size(text)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_fraction(text: str) -> float:

@@ -5,6 +5,7 @@ knows no subcommand's options or work."""
 import argparse
 import logging
 import os
+import re
 import sys
 
 from kvfs.errors import QuietError, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_PIPE, EXIT_USAGE
@@ -63,9 +64,19 @@ def reader_gone() -> int:
     return EXIT_PIPE
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, except that a value that starts with a minus sign and a digit (`--size
+    -5G`, `--grace -1`) is a value, not an unknown option: the option's type says what is
+    wrong with it (as Python 3.13's argparse does for every such value)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
+
+
 def parser(prog: str = "kvfs", **kw) -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     """A `kvfs` parser and its (required) subcommand list, for add_parser()s to fill."""
-    p = argparse.ArgumentParser(prog=prog, **kw)
+    p = Parser(prog=prog, **kw)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     return p, sub
