@@ -23,6 +23,7 @@ from . import codec as codecs
 from . import meta as M
 from .errors import Corrupt, KvfsError, EXIT_FSCK_ERRORS, EXIT_OK
 from .store import DATA_START, round_up
+from .units import plural
 from .warehouse import Warehouse
 
 
@@ -611,6 +612,7 @@ def run_fsck(args) -> int:
         for p in f.problems:
             print(f"  {p}")
         s = f.stats
-        print(f"kvfs fsck: {s['inodes']} inodes, {s['entries']} entries, {s['blocks']} blocks: "
-              + ("clean" if not f.problems else f"{len(f.problems)} problems, {f.repaired} repaired"))
+        print(f"kvfs fsck: {plural(s['inodes'], 'inode')}, {plural(s['entries'], 'entry', 'entries')}, "
+              f"{plural(s['blocks'], 'block')}: "
+              + ("clean" if not f.problems else f"{plural(len(f.problems), 'problem')}, {f.repaired:,} repaired"))
     return EXIT_OK if unrepaired == 0 else EXIT_FSCK_ERRORS

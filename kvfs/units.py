@@ -33,3 +33,8 @@ def human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n}"
+
+
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """'1 file', '0 files', '12,345 files' (`nouns` where adding an s is wrong)."""
+    return f"{n:,} {noun if n == 1 else nouns or noun + 's'}"

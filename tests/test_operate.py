@@ -4,6 +4,7 @@ lineage and annotations, quotas and other users, Prometheus metrics, fsck on pla
 import errno
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -57,7 +58,13 @@ def test_stat_reports_space_savings_and_counters(make_mount):
     assert st["used"] == sum(d["size"] - d["free"] for d in st["devices"])
     human = run_kvfs("stat", m.path).stdout
     assert "dedup 1.50x" in human and f"mounted on {m.path}" in human
+    assert "files      3 holding 12.0 MiB; 8 blocks of" in human
+    assert re.search(r"^device 0 .* used; since mount [\d,]+ reads? \(.*\), [\d,]+ writes? \(", human, re.M), human
     m.umount()
+    # Unmounted, this command is the only reader: no "since mount" counts to show.
+    human = run_kvfs("stat", m.warehouse).stdout
+    assert f"{m.warehouse} (clean)" in human and re.search(r"^device 1 .* used$", human, re.M), human
+    assert "since mount" not in human and "1 files" not in human, human
     offline = json.loads(run_kvfs("stat", m.warehouse, "--json").stdout)
     assert offline["clean"] and offline["mountpoint"] is None
     for key in ("files", "file_bytes", "block_bytes", "stored_bytes", "referenced_bytes", "used"):
@@ -99,6 +106,10 @@ def test_catalog_finds_by_lineage_annotation_size_and_use(make_mount):
     du = json.loads(run_kvfs("du", m.p("models"), "--json").stdout)
     assert du[0] == {"path": m.p("models", "llama"), "files": 3, "dirs": 0, "bytes": 6 * MiB}
     assert du[-1] == {"path": m.p("models"), "files": 4, "dirs": 2, "bytes": 7 * MiB}
+    rows = run_kvfs("du", m.p("models")).stdout.splitlines()
+    assert [row.split()[2:] for row in rows] == [["3", "files", m.p("models", "llama")],
+                                                 ["1", "file", m.p("models", "qwen")],
+                                                 ["4", "files", m.p("models")]], rows
     assert run_kvfs("ls", m.p("nothing"), check=False).returncode == EXIT_USAGE
     # The same answers from an unmounted warehouse.
     m.umount()

@@ -4,7 +4,7 @@ table; the sums are kvfs.catalog.du's."""
 import json
 
 from kvfs.errors import QuietError, EXIT_OK, EXIT_USAGE
-from kvfs.units import human
+from kvfs.units import human, plural
 
 from . import client, command
 
@@ -33,7 +33,7 @@ def run(args) -> int:
         print(json.dumps(rows, indent=2))
     else:
         for r in rows:
-            print(f"{human(r['bytes']):>10}  {r['files']:>9,} files  {r['path']}")
+            print(f"{human(r['bytes']):>10}  {plural(r['files'], 'file'):>15}  {r['path']}")
     return EXIT_OK
 
 

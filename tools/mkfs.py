@@ -5,7 +5,7 @@ import json
 import os
 
 from kvfs.errors import EXIT_OK
-from kvfs.units import human
+from kvfs.units import human, plural
 
 from . import command
 from .argtypes import parse_device, parse_fraction, parse_size
@@ -47,7 +47,7 @@ def run(args) -> int:
         total = sum(d["size"] for d in sb["devices"])
         print(f"created warehouse {os.path.abspath(args.warehouse)} (uuid {sb['uuid']})")
         print(f"  block size {human(sb['block_size'])}, compression {sb['compression']}, "
-              f"{len(sb['devices'])} device(s), {human(total)} in all")
+              f"{plural(len(sb['devices']), 'device')}, {human(total)} in all")
         print(f"  eviction above {sb['high_watermark']:.0%} of capacity, down to {sb['low_watermark']:.0%}")
         for i, d in enumerate(sb["devices"]):
             print(f"  device {i}: {d['path']} ({human(d['size'])})")

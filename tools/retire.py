@@ -4,7 +4,7 @@ its report; the work is the daemon's (control operation "retire")."""
 import json
 
 from kvfs.errors import QuietError, EXIT_OK, EXIT_USAGE
-from kvfs.units import human
+from kvfs.units import human, plural
 
 from . import client, command
 
@@ -33,7 +33,7 @@ def run(args) -> int:
         results.append({"path": path, **r})
         if not args.json:
             shared = f"; {r['shared_manifests']} manifests deleted from the shared tier" if args.shared else ""
-            print(f"retired {path}: {r['files']} files, {human(r['bytes'])} in {r['seconds']:.1f} s{shared}")
+            print(f"retired {path}: {plural(r['files'], 'file')}, {human(r['bytes'])} in {r['seconds']:.1f} s{shared}")
     if args.json:
         print(json.dumps(results, indent=2))
     return EXIT_OK

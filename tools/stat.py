@@ -4,7 +4,7 @@ report's wording; the figures come from Warehouse.stats() through kvfs.tools.cli
 import json
 
 from kvfs.errors import EXIT_OK
-from kvfs.units import human
+from kvfs.units import human, plural
 
 from . import client, command
 
@@ -36,39 +36,42 @@ def run(args) -> int:
     print(f"capacity   {human(st['capacity'])}, used {human(st['used'])} ({st['used'] / cap:.1%}), "
           f"free {human(st['free'])}")
     print(f"eviction   above {st['high_watermark']:.0%}, down to {st['low_watermark']:.0%}; "
-          f"{st['evictable_files']:,} files evictable, {st['expiring_files']:,} with a ttl")
-    print(f"files      {st['files']:,} holding {human(st['file_bytes'])}; {st['blocks']:,} blocks of "
+          f"{plural(st['evictable_files'], 'file')} evictable, {st['expiring_files']:,} with a ttl")
+    print(f"files      {st['files']:,} holding {human(st['file_bytes'])}; {plural(st['blocks'], 'block')} of "
           f"{human(st['block_bytes'])} stored in {human(st['stored_bytes'])}")
     print(f"savings    dedup {st['dedup_ratio']:.2f}x, compression {st['compression_ratio']:.2f}x")
-    print(f"lookups    {c.get('lookup_hit', 0):,} hits, {c.get('lookup_miss', 0):,} misses ({hit})")
-    print(f"removed    evicted {c.get('evicted_files', 0):,} files ({human(c.get('evicted_bytes', 0))}), "
+    print(f"lookups    {plural(c.get('lookup_hit', 0), 'hit')}, {plural(c.get('lookup_miss', 0), 'miss', 'misses')} ({hit})")
+    print(f"removed    evicted {plural(c.get('evicted_files', 0), 'file')} ({human(c.get('evicted_bytes', 0))}), "
           f"expired {c.get('expired_files', 0):,} ({human(c.get('expired_bytes', 0))}), "
           f"retired {c.get('retired_files', 0):,} ({human(c.get('retired_bytes', 0))})")
     if c.get("corrupt_blocks") or st.get("quarantined_blocks"):
-        print(f"DAMAGE     {c.get('corrupt_blocks', 0)} blocks failed verification, "
-              f"{c.get('quarantined_files', 0)} files holding them dropped, "
-              f"{st.get('quarantined_blocks', 0)} still quarantined, {c.get('healed_blocks', 0)} healed "
+        print(f"DAMAGE     {plural(c.get('corrupt_blocks', 0), 'block')} failed verification, "
+              f"{plural(c.get('quarantined_files', 0), 'file')} holding them dropped, "
+              f"{st.get('quarantined_blocks', 0):,} still quarantined, {c.get('healed_blocks', 0):,} healed "
               "by new writes: see the log; kvfs fsck --verify-data --repair finds the rest")
     if c.get("device_errors"):
-        print(f"ERRORS     {c['device_errors']} device reads, writes or syncs failed: see the log")
+        print(f"ERRORS     {c['device_errors']:,} device reads, writes or syncs failed: see the log")
     sh = st.get("shared")
     if sh:
         where = sh["url"] or "none now (counters of earlier mounts)"
         state = f", {sh['state']}" + (f": {sh['last_error']}" if sh.get("last_error") else "") if sh["url"] else ""
-        print(f"shared     {where}{state}; queue {sh['queue']:,} files"
+        print(f"shared     {where}{state}; queue {plural(sh['queue'], 'file')}"
               + (f" (at most {sh['queue_limit']:,} unpinned)" if sh.get("queue_limit") else "")
               + f", {sh.get('dropped_files', 0):,} dropped")
-        print(f"           uploaded {sh.get('uploaded_files', 0):,} files, {sh.get('uploaded_blocks', 0):,} blocks "
+        print(f"           uploaded {plural(sh.get('uploaded_files', 0), 'file')}, {plural(sh.get('uploaded_blocks', 0), 'block')} "
               f"({human(sh.get('uploaded_bytes', 0))}; {sh.get('present_blocks', 0):,} were there already); "
-              f"fetched {sh.get('fetched_files', 0):,} files, {sh.get('fetched_blocks', 0):,} blocks "
+              f"fetched {plural(sh.get('fetched_files', 0), 'file')}, {plural(sh.get('fetched_blocks', 0), 'block')} "
               f"({human(sh.get('fetched_bytes', 0))})")
         print(f"           lookups {sh.get('lookup_hits', 0):,} found, {sh.get('lookup_misses', 0):,} not; "
-              f"{sh.get('failures', 0):,} failures, {sh.get('corrupt_blocks', 0):,} corrupt blocks refused, "
-              f"{sh.get('superseded_files', 0):,} local versions superseded, {sh['remote_files']:,} files not fetched yet")
+              f"{plural(sh.get('failures', 0), 'failure')}, {plural(sh.get('corrupt_blocks', 0), 'corrupt block')} refused, "
+              f"{plural(sh.get('superseded_files', 0), 'local version')} superseded, "
+              f"{plural(sh['remote_files'], 'file')} not fetched yet")
     for d in st["devices"]:
-        print(f"device {d['index']}   {d['path']}: {human(d['size'] - d['free'])} of {human(d['size'])} used; "
-              f"since mount {d['reads']:,} reads ({human(d['read_bytes'])}), "
-              f"{d['writes']:,} writes ({human(d['write_bytes'])})")
+        # Device I/O is counted by the process that has the warehouse open: the mount's
+        # daemon, or (unmounted) this command, which has done none worth showing.
+        io = (f"; since mount {plural(d['reads'], 'read')} ({human(d['read_bytes'])}), "
+              f"{plural(d['writes'], 'write')} ({human(d['write_bytes'])})") if st["mountpoint"] else ""
+        print(f"device {d['index']}   {d['path']}: {human(d['size'] - d['free'])} of {human(d['size'])} used{io}")
     return EXIT_OK
 
 
