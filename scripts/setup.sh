@@ -66,10 +66,20 @@ if [ ! -e /dev/fuse ]; then
     echo "setup: /dev/fuse is missing: this machine cannot mount FUSE filesystems" >&2
 fi
 
+# A .venv whose python cannot run or has no pip is a half-made one (venv fails after making
+# bin/python when ensurepip is missing, as without Debian's python3-venv): made again.
+# make_venv removes what a failed attempt left, so that the next run starts afresh too.
 PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
+make_venv() {
+    "$PY" -m venv .venv || { rm -rf .venv; return 1; }
+}
+if [ -e .venv ] && ! .venv/bin/python -c "import pip" >/dev/null 2>&1; then
+    echo "setup: .venv is incomplete (no python or no pip in it): making it again"
+    rm -rf .venv
+fi
+if [ ! -e .venv ]; then
     log=$(mktemp -t kvfs-setup-venv.XXXXXX.log)
-    step "$log" "creating .venv (about 10 s)" "$PY" -m venv .venv
+    step "$log" "creating .venv (about 10 s)" make_venv
     rm -f "$log"
 fi
 

@@ -12,8 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOAK = "tests/test_soak.py"
 
 
-def bash(script, *args, cwd=ROOT, env=None, timeout=240):
-    res = subprocess.run(["bash", os.path.join(ROOT, "scripts", script), *args], cwd=cwd,
+def bash(script, *args, cwd=ROOT, env=None, timeout=240, script_dir=ROOT):
+    res = subprocess.run(["bash", os.path.join(script_dir, "scripts", script), *args], cwd=cwd,
                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
     return res, res.stdout + res.stderr
 
@@ -21,6 +21,29 @@ def bash(script, *args, cwd=ROOT, env=None, timeout=240):
 def test_setup_says_nothing_when_nothing_needs_doing():
     res, out = bash("setup.sh", env={"KVFS_SKIP_CLIENTS": "1"})
     assert res.returncode == 0 and out == "", out
+
+
+def test_setup_makes_a_half_made_venv_again(tmp_path):
+    """Without Debian's python3-venv, `python3 -m venv` fails after making .venv/bin/python:
+    setup removes what that left, and takes a .venv without pip (an older setup's leftover)
+    for what it is and makes it again, rather than skipping it for pip to fail in."""
+    tree = tmp_path / "checkout"
+    (tree / "scripts").mkdir(parents=True)
+    for name in ("scripts/setup.sh", "pyproject.toml"):
+        subprocess.run(["cp", os.path.join(ROOT, name), tree / name], check=True)
+    python = tmp_path / "python3-without-venv"  # the failure, after bin/python, as Debian's
+    python.write_text('#!/bin/sh\nif [ "$1 $2" = "-m venv" ]; then python3 -m venv --without-pip "$3"; '
+                      'echo "ensurepip is not available" >&2; exit 1; fi\nexec python3 "$@"\n')
+    python.chmod(0o755)
+    env = {"KVFS_SKIP_CLIENTS": "1", "PYTHON": str(python)}
+    res, out = bash("setup.sh", cwd=tree, env=env, script_dir=tree)
+    assert res.returncode == 1 and "setup: creating .venv (about 10 s)... failed" in out, out
+    assert "ensurepip is not available" in out and not (tree / ".venv").exists(), out
+    subprocess.run(["python3", "-m", "venv", "--without-pip", tree / ".venv"], check=True)
+    res, out = bash("setup.sh", cwd=tree, env=env, script_dir=tree)
+    assert out.startswith("setup: .venv is incomplete (no python or no pip in it): making it again\n"), out
+    assert res.returncode == 1 and "creating .venv (about 10 s)... failed" in out, out
+    assert not (tree / ".venv").exists()
 
 
 def collected(out):
