@@ -81,6 +81,10 @@ def test_a_negative_size_is_refused_as_such(tmp_path, capsys):
         assert "expected one argument" not in err and not (tmp_path / "w").exists()
     assert main(["find", str(tmp_path), "--min-size", "-1"]) == EXIT_USAGE
     assert "a size must be positive: '-1'" in capsys.readouterr().err
+    # Negative numbers reach their parsers now: each refuses what it cannot mean.
+    for grace in ("-1", "nan", "inf"):
+        assert main(["gc", str(tmp_path), "--grace", grace]) == EXIT_USAGE, grace
+        assert f"seconds must be a finite number >= 0: '{grace}'" in capsys.readouterr().err
 
 
 def exit_status_codes(page: str) -> set[int]:

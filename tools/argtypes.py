@@ -48,6 +48,17 @@ def parse_device(text: str) -> tuple[str, int | None]:
     return text, None
 
 
+def parse_seconds(text: str) -> float:
+    """'300', '2.5' -> seconds, at least 0, for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"seconds must be a finite number >= 0: {text!r}")
+    return value
+
+
 def parse_age(text: str) -> float:
     """'90s', '15m', '2h', '7d' -> seconds, for argparse."""
     try:

@@ -7,6 +7,7 @@ from kvfs.errors import EXIT_OK
 from kvfs.units import human
 
 from . import client, command
+from .argtypes import parse_seconds
 
 
 def add_parser(sub) -> None:
@@ -18,7 +19,7 @@ def add_parser(sub) -> None:
                           epilog="examples:\n  kvfs gc /mnt/kvfs\n  kvfs gc /var/lib/kvfs/w1 --delete --json")
     s.add_argument("target", metavar="MOUNTPOINT|WAREHOUSE")
     s.add_argument("--delete", action="store_true", help="reclaim what was found")
-    s.add_argument("--grace", type=float, default=300.0, metavar="SECONDS",
+    s.add_argument("--grace", type=parse_seconds, default=300.0, metavar="SECONDS",
                    help="leave unlinked or unfinished inodes younger than this alone (default 300)")
     s.add_argument("--json", action="store_true", help="print a machine-readable report")
 
