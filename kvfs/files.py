@@ -152,7 +152,7 @@ class Files(Layer):
             of.handles -= 1
             of.writers -= h.writable
             try:
-                if h.writable or of.changed:
+                if self._publishes(h, of):
                     try:
                         self.commit(of)
                     except KvfsError:
@@ -176,9 +176,18 @@ class Files(Layer):
         with self.core.lock:
             h = self.handle(fh)
             of = self.open_files[h.ino]
-            if h.writable or of.changed:
+            if self._publishes(h, of):
                 self.commit(of)
             self.checkpoint()
+
+    @staticmethod
+    def _publishes(h: Handle, of: OpenFile) -> bool:
+        """Whether closing or fsyncing handle `h` publishes `of`'s changes: a writer's
+        handle does; another (a reader's) only publishes changes left when no writer is
+        left to (a commit that failed at the writer's close, say). A reader that comes and
+        goes while a file is written must not publish the writer's first half: a crash
+        would then leave that half as the file."""
+        return h.writable or (of.changed and not of.writers)
 
     def take_discarded(self) -> set[int]:
         with self.core.lock:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 HARNESS = os.path.join(os.path.dirname(__file__), "..", "scripts", "crashtest.py")
 
@@ -30,3 +31,34 @@ def test_crash_harness_catches_drives_that_lie_about_syncs(tmp_path):
     summary = json.loads(res.stdout)
     assert res.returncode == 1 and summary["failed"], summary
     assert any("Input/output error" in p or "is gone" in p for p in summary["failed"]["problems"]), summary
+
+
+def test_a_reader_closing_a_file_being_written_publishes_nothing_of_it(make_mount):
+    """Only the writer's own flush, fsync or close publishes what it wrote. A reader that
+    opens and closes the file meanwhile (a directory scanner, an LMCache lookup) does not:
+    a kill -9 then leaves the file as it was before the writer began (here, never
+    published: gone), not the writer's first half. A file its writer closed stays."""
+    m = make_mount()
+    with open(m.p("done"), "wb") as f:
+        f.write(b"whole")
+    first = os.urandom(1 << 20)
+    fd = os.open(m.p("f.tmp"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    os.write(fd, first)  # the first of the writer's writes
+    with open(m.p("f.tmp"), "rb") as f:  # a reader comes and goes meanwhile
+        assert f.read() == first
+    with open(m.p("done"), "rb") as f:
+        f.read()
+    time.sleep(1)  # (a release reaches the daemon after close returned)
+    m.kill9()
+    try:
+        os.close(fd)
+    except OSError:  # (the daemon is gone)
+        pass
+    m.mount()  # recovery
+    assert not os.path.exists(m.p("f.tmp"))
+    with open(m.p("done"), "rb") as f:
+        assert f.read() == b"whole"
+    m.umount()
+    res = subprocess.run([sys.executable, "-m", "kvfs.tools", "fsck", m.warehouse, "--json"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and json.loads(res.stdout)["clean"], res
