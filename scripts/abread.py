@@ -7,8 +7,8 @@ alternates the sides in every repetition (the order reversed every other one), d
 page cache before each read, and prints each side's median and every sample.
 
     # mount the same kind of warehouse twice, each from its own checkout, e.g.
-    #   (cd /tmp/old && python -m kvfs.tools mount /var/tmp/whA /mnt/a)
-    #   (cd /work/main && python -m kvfs.tools mount /var/tmp/whB /mnt/b)
+    #   (cd /tmp/old && .venv/bin/python -m kvfs.tools mount /var/tmp/whA /mnt/a)
+    #   (cd /work/main && .venv/bin/python -m kvfs.tools mount /var/tmp/whB /mnt/b)
     .venv/bin/python scripts/abread.py --side old=/mnt/a --side new=/mnt/b --side raw=/var/tmp/raw \\
         [--size-mib 32] [--total-mib 512] [--reps 12] [--json]
 

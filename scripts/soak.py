@@ -27,6 +27,10 @@ growth past --max-rss-growth-mib between the end of the warm-up and the end, or 
 is not clean.
 
     .venv/bin/python scripts/soak.py [--minutes 30] [--size 1G] [--clients 8] [--dir /var/tmp]
+
+Run it with this checkout's .venv python: the kvfs commands it starts are `python -m
+kvfs.tools`, which only an install of this checkout provides (tools/ becomes kvfs.tools
+when installed; a path to the source tree alone is not enough).
 """
 
 import argparse

@@ -10,6 +10,7 @@ import json
 import os
 
 from kvfs import control
+from kvfs.layout import META_DIR
 from kvfs.errors import (
     KvfsError, QuietError,
     EXIT_IN_USE, EXIT_INTERNAL, EXIT_NO_WAREHOUSE, EXIT_NOT_MOUNTED, EXIT_PERMISSION, EXIT_USAGE,
@@ -105,7 +106,6 @@ def connect(target: str, write: bool = False):
     Local for an unmounted warehouse (opened read-write only when `write`)."""
     from kvfs import meta as M
     from kvfs.mounttab import find_mount, wait_unlocked
-    from kvfs.layout import META_DIR
 
     if find_mount(target) is not None:
         return Remote(os.path.realpath(target))
@@ -150,7 +150,7 @@ def open_target(path: str):
     from kvfs.catalog import Catalog
     from kvfs.mounttab import find_mount
 
-    if os.path.isdir(os.path.join(path, "meta")) and find_mount(path) is None:
+    if os.path.isdir(os.path.join(path, META_DIR)) and find_mount(path) is None:
         return Catalog(path), "", path.rstrip("/") or "/"
     try:
         mountpoint, rel = locate(path)

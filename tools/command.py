@@ -8,10 +8,14 @@ import os
 import re
 import sys
 
-from kvfs.errors import QuietError, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_PIPE, EXIT_USAGE
+from kvfs.errors import (
+    QuietError, EXIT_DEVICE, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_MOUNT_FAILED, EXIT_NO_WAREHOUSE, EXIT_PIPE,
+    EXIT_USAGE,
+)
 
 # Exit code for an OSError on a path the user named, per subcommand.
-OS_ERROR_EXIT = {"mkfs": 9, "mount": 6, "umount": 6, "fsck": 3, "gc": 3, "tune": 3, "stat": 3}
+OS_ERROR_EXIT = {"mkfs": EXIT_DEVICE, "mount": EXIT_MOUNT_FAILED, "umount": EXIT_MOUNT_FAILED,
+                 "fsck": EXIT_NO_WAREHOUSE, "gc": EXIT_NO_WAREHOUSE, "tune": EXIT_NO_WAREHOUSE, "stat": EXIT_NO_WAREHOUSE}
 
 
 def run(parser: argparse.ArgumentParser, argv: list[str]) -> int:

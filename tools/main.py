@@ -14,8 +14,7 @@ from . import (
 )
 
 TOOLS = (mkfs, mount, umount, fsck, stat, ls, find, du, pin, unpin, retire, gc, tune, bench)
-SUBCOMMANDS = ("mkfs", "mount", "umount", "fsck", "stat", "ls", "find", "du", "pin", "unpin",
-               "retire", "gc", "tune", "bench")
+SUBCOMMANDS = tuple(t.__name__.rpartition(".")[2] for t in TOOLS)
 
 
 def build_parser():

@@ -10,6 +10,7 @@ import sys
 import time
 
 from kvfs.errors import QuietError, EXIT_MOUNT_FAILED, EXIT_NO_WAREHOUSE, EXIT_OK, EXIT_USAGE
+from kvfs.layout import LOG_FILE, META_DIR
 
 from . import command
 
@@ -79,7 +80,7 @@ def run(args) -> int:
         raise QuietError(f"compress must be 'none' or 'zstd', not {kvfs_opts['compress']!r}", EXIT_USAGE)
     if kvfs_opts.get("durability", "fsync") not in ("fsync", "close"):
         raise QuietError(f"durability must be 'fsync' or 'close', not {kvfs_opts['durability']!r}", EXIT_USAGE)
-    if not os.path.isdir(os.path.join(warehouse, "meta")):
+    if not os.path.isdir(os.path.join(warehouse, META_DIR)):
         raise QuietError(f"{warehouse} is not a kvfs warehouse (run kvfs mkfs first)", EXIT_NO_WAREHOUSE)
     existing = m.find_mount(mountpoint, resolve=False)
     if existing is not None and m.daemon_gone(existing["source"]):
@@ -143,7 +144,6 @@ def _check_shared_options(kvfs_opts: dict, fuse_opts: set) -> None:
 
 def start_daemon(argv: list[str], warehouse: str, timeout: float = 60.0) -> str:
     """Start `kvfs mount --foreground ...` in a new session; return its ready message."""
-    from kvfs.layout import LOG_FILE
 
     rfd, wfd = os.pipe()
     cmd = [sys.executable, "-m", "kvfs.tools", *argv, "--foreground", "--ready-fd", str(wfd), "--quiet"]
