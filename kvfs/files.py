@@ -302,13 +302,12 @@ class Files(Layer):
             return
         if old and old.hash == h:
             return
-        p = self.blocks.dedup(h)
-        if p is None:
+        if not self.reuse(of, idx, h):
             stored, used = codecs.encode(view, of.codec)
             dev, off = self.policy.allocate(len(stored), (of.ino + idx) % len(self.devices.devices))
-            p = self.blocks.write(h, stored, dev, off, raw_len, used)
-        self.blocks.hold(h)
-        of.changes[idx] = p
+            p = self.blocks.write(h, stored, dev, off, raw_len, used)  # (a failed write holds nothing)
+            self.blocks.hold(h)
+            of.changes[idx] = p
         if old:
             self.blocks.drop_pending(old)
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from . import meta as M
 from .blocks import Pending, record_loc
 from .core import Layer, now_ns
-from .errors import Corrupt, KvfsError, NotFound
+from .errors import KvfsError, NotFound
 from .namespace import check_name
 from .policy import POLICY_XATTRS
 
@@ -515,4 +515,4 @@ class SharedFiles(Layer):
         return out
 
 
-__all__ = ["SharedFiles", "SharedUnavailable", "Snapshot", "Corrupt"]
+__all__ = ["SharedFiles", "SharedUnavailable", "Snapshot"]
