@@ -151,8 +151,9 @@ class Files(Layer):
             of = self.open_files[h.ino]
             of.handles -= 1
             of.writers -= h.writable
+            published = self._publishes(h, of)
             try:
-                if self._publishes(h, of):
+                if published:
                     try:
                         self.commit(of)
                     except KvfsError:
@@ -161,10 +162,10 @@ class Files(Layer):
                             # error already reached the client at flush) and its pins.
                             self.discard(of)
                         raise
-                    if self.core.durability == "close":
-                        self.checkpoint()
             finally:
                 self.maybe_close(of)
+        if published and self.core.durability == "close":
+            self.checkpoint()  # (not under the lock: others are served while it syncs)
 
     def flush(self, fh: int) -> None:
         with self.core.lock:
@@ -178,7 +179,7 @@ class Files(Layer):
             of = self.open_files[h.ino]
             if self._publishes(h, of):
                 self.commit(of)
-            self.checkpoint()
+        self.checkpoint()  # everything committed so far: this file's state too
 
     @staticmethod
     def _publishes(h: Handle, of: OpenFile) -> bool:

@@ -228,6 +228,8 @@ class Operations(pyfuse3.Operations):
             kw["atime_ns"] = attr.st_atime_ns
         if fields.update_mtime:
             kw["mtime_ns"] = attr.st_mtime_ns
+        if "size" in kw:  # a truncation reads and commits: in a thread, as writes are
+            return self._entry(await trio.to_thread.run_sync(functools.partial(self.wh.setattr, inode, **kw)))
         return self._entry(self.wh.setattr(inode, **kw))
 
     @_fuse_errors
@@ -448,7 +450,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ESTALE) from None
         if write and flags & os.O_TRUNC:
             try:
-                self.wh.setattr(inode, size=0)
+                await trio.to_thread.run_sync(functools.partial(self.wh.setattr, inode, size=0))
             except BaseException:
                 self.wh.release(fh)
                 raise
@@ -488,7 +490,10 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EFBIG)
             handle.request += buf
             return len(buf)
-        return self.wh.write(fh, off, buf)
+        # Writes, commits and truncations may wait for the devices (and for the lock, which
+        # an inline eviction or a commit holds meanwhile): in a worker thread, so that the
+        # event loop goes on answering other requests.
+        return await trio.to_thread.run_sync(self.wh.write, fh, off, buf)
 
     @_fuse_errors
     async def flush(self, fh):
@@ -501,7 +506,7 @@ class Operations(pyfuse3.Operations):
                 if not reply["ok"]:
                     raise pyfuse3.FUSEError(reply.get("errno", errno.EIO))
             return
-        self.wh.flush(fh)
+        await trio.to_thread.run_sync(self.wh.flush, fh)
 
     @_fuse_errors
     async def fsync(self, fh, datasync):
@@ -514,4 +519,4 @@ class Operations(pyfuse3.Operations):
         if fh >= VIRTUAL_FH:
             self._ctl.pop(fh, None)
             return
-        self.wh.release(fh)
+        await trio.to_thread.run_sync(self.wh.release, fh)

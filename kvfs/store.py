@@ -17,6 +17,7 @@ import os
 import stat
 import struct
 import threading
+import time
 import uuid as uuidlib
 
 from sortedcontainers import SortedDict, SortedList
@@ -100,11 +101,13 @@ class Faults:
     production mounts do not read this variable's absence as anything.
 
         {"rules": [{"op": "read"|"write"|"sync", "device": 0, "errno": "EIO",
-                    "after": 0, "count": null, "offset": [lo, hi]}],
+                    "after": 0, "count": null, "offset": [lo, hi], "delay": 0}],
          "volatile": true}
 
     A rule fails matching calls (op, device if given, extents touching [lo, hi) if given)
     with its errno, after letting `after` of them through, `count` times (null: always).
+    A rule with "delay": SECONDS instead makes each matching call that long (a slow or
+    stalling drive), and then lets it through.
     A sync rule with "lie": true instead reports success without syncing: a drive that
     acknowledges flushes it did not do (with `volatile`, those writes die at a crash).
     `volatile` keeps every device write in memory until the device is synced, as a drive's
@@ -144,9 +147,12 @@ class Faults:
             if not isinstance(code, int) or isinstance(code, bool) or code <= 0:
                 raise ValueError(f"unknown errno {err!r}")
             lo, hi = r.get("offset") or (0, 1 << 63)
+            delay = float(r.get("delay", 0))
+            if not 0 <= delay <= 3600:
+                raise ValueError(f"a fault's delay is 0 to 3600 seconds: {r!r}")
             checked.append({"op": r["op"], "device": r.get("device"), "errno": code, "lie": bool(r.get("lie")),
                             "after": int(r.get("after", 0)), "count": r.get("count"),
-                            "offset": (int(lo), int(hi)), "fired": 0, "seen": 0})
+                            "offset": (int(lo), int(hi)), "delay": delay, "fired": 0, "seen": 0})
         with self.lock:
             self.rules = checked
 
@@ -157,7 +163,9 @@ class Faults:
                                "offset": list(r["offset"])} for r in self.rules]}
 
     def check(self, op: str, device: int, offset: int = 0, length: int = 0) -> bool:
-        """Raise the OSError a rule injects; True if a rule says to lie (skip the work)."""
+        """Raise the OSError a rule injects; True if a rule says to lie (skip the work).
+        A delay rule's wait happens here, outside the rules' lock."""
+        delay = 0.0
         with self.lock:
             for r in self.rules:
                 if r["op"] != op or r["device"] not in (None, device):
@@ -169,9 +177,14 @@ class Faults:
                 if r["seen"] <= r["after"] or (r["count"] is not None and r["fired"] >= r["count"]):
                     continue
                 r["fired"] += 1
+                if r["delay"]:
+                    delay += r["delay"]
+                    continue
                 if r["lie"]:
                     return True
                 raise OSError(r["errno"], f"{os.strerror(r['errno'])} (injected)")
+        if delay:
+            time.sleep(delay)
         return False
 
 
@@ -206,8 +219,13 @@ class Device:
                 EXIT_DEVICE,
             )
         self.reads = self.writes = self.read_bytes = self.write_bytes = 0
-        self.dirty = False
         self.faults: Faults | None = None
+        # Syncs run while writes go on (a checkpoint syncs the devices first without the
+        # warehouse lock): a sync covers the writes counted when it starts, and the next
+        # sync is needed only if more were made since (_state guards these and _unsynced).
+        self._state = threading.Lock()
+        self._written = 0  # writes made (pwrite calls that returned)
+        self._synced = 0  # of them, those a successful sync covers
         self._unsynced: dict[int, bytes] = {}  # offset -> bytes: a volatile write cache (Faults)
         self.sync_error: str | None = None  # set by a failed sync: every later one fails too
 
@@ -218,7 +236,8 @@ class Device:
                 self.faults.check("read", self.index, offset, length)
                 # Taken before the file is read: a sync that writes the cache out and
                 # clears it meanwhile has then written the file first.
-                unsynced = list(self._unsynced.items()) if self._unsynced else None
+                with self._state:
+                    unsynced = list(self._unsynced.items()) if self._unsynced else None
             data = os.pread(self.fd, length, offset)
             if unsynced:
                 data = self._overlay(data, offset, unsynced)
@@ -249,9 +268,10 @@ class Device:
                 self.faults.check("write", self.index, offset, len(data))
             if self.faults is not None and self.faults.volatile:
                 end = offset + len(data)
-                for woff in [o for o, d in self._unsynced.items() if o < end and offset < o + len(d)]:
-                    del self._unsynced[woff]  # (overlap only when a never-published extent is reused)
-                self._unsynced[offset] = bytes(data)
+                with self._state:
+                    for woff in [o for o, d in self._unsynced.items() if o < end and offset < o + len(d)]:
+                        del self._unsynced[woff]  # (overlap only when a never-published extent is reused)
+                    self._unsynced[offset] = bytes(data)
                 n = len(data)
             else:
                 n = os.pwrite(self.fd, data, offset)
@@ -259,9 +279,10 @@ class Device:
             raise KvfsError(f"device {self.index} write at {offset}: {exc.strerror}", exc.errno) from None
         if n != len(data):
             raise KvfsError(f"device {self.index}: short write at {offset}", errno.EIO)
+        with self._state:
+            self._written += 1
         self.writes += 1
         self.write_bytes += n
-        self.dirty = True
 
     def sync(self) -> None:
         """Make this device's writes durable (KvfsError if the device fails).
@@ -274,23 +295,26 @@ class Device:
             raise KvfsError(f"device {self.index}: an earlier sync failed ({self.sync_error}); what was "
                             "written since the last good sync may be lost: unmount, check the device, "
                             "kvfs fsck --verify-data", errno.EIO)
-        if not self.dirty:
-            return
+        with self._state:
+            upto = self._written
+            if upto == self._synced or self.fd < 0:
+                return
+            pending = sorted(self._unsynced.items())
         try:
             if self.faults is not None and self.faults.check("sync", self.index):
-                self.dirty = False
-                return  # a lying drive
-            pending = sorted(self._unsynced.items())
-            for woff, wdata in pending:
-                os.pwrite(self.fd, wdata, woff)
-            os.fdatasync(self.fd)
+                pending = None  # a lying drive: nothing is written out
+            else:
+                for woff, wdata in pending:
+                    os.pwrite(self.fd, wdata, woff)
+                os.fdatasync(self.fd)
         except OSError as exc:
             self.sync_error = exc.strerror
             raise KvfsError(f"device {self.index} sync: {exc.strerror}", exc.errno) from None
-        for woff, wdata in pending:  # (writes are made under the warehouse lock, as syncs are)
-            if self._unsynced.get(woff) is wdata:
-                del self._unsynced[woff]
-        self.dirty = False
+        with self._state:
+            for woff, wdata in pending or ():  # (a write of the same offset since stays)
+                if self._unsynced.get(woff) is wdata:
+                    del self._unsynced[woff]
+            self._synced = max(self._synced, upto)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -354,6 +378,7 @@ class DeviceSet:
             d.faults = faults
         self.free = [FreeMap() for _ in devices]
         self._lock = threading.Lock()
+        self._sync_lock = threading.Lock()  # one sync at a time, and none across a close
         self._readers_done = threading.Condition(self._lock)
         # Freed extents wait here until no read that started before the free is running.
         self._generation = 0
@@ -443,9 +468,13 @@ class DeviceSet:
             self._readers_done.notify_all()
 
     def sync(self) -> None:
-        for d in self.devices:
-            d.sync()
+        """Make every device's writes so far durable. Safe to call while writes go on and
+        from several threads (syncs run one at a time); it does nothing once closed."""
+        with self._sync_lock:
+            for d in self.devices:
+                d.sync()
 
     def close(self) -> None:
-        for d in self.devices:
-            d.close()
+        with self._sync_lock:  # (a sync in progress finishes first)
+            for d in self.devices:
+                d.close()

@@ -211,9 +211,16 @@ class Warehouse:
                 self._lock_fd = -1
 
     def checkpoint(self) -> None:
-        """Make everything committed so far durable: device data first, then metadata."""
+        """Make everything committed so far durable: device data first, then metadata.
+
+        The devices are synced twice: first without the lock, while requests go on (that
+        sync writes out nearly everything), then under it, where only what was written
+        meanwhile is left, just before the metadata that may refer to it."""
+        if self.readonly or self._lock_fd < 0:
+            return
+        self._sync_devices()
         with self._lock:
-            if self.readonly or self._lock_fd < 0:
+            if self._lock_fd < 0:
                 return
             self.policy.flush_access()
             with self.meta.begin(write=True) as txn:
