@@ -232,6 +232,9 @@ class Files(Layer):
     # -- writes ---------------------------------------------------------------------------------
 
     def write(self, fh: int, offset: int, data) -> int:
+        """Write `data` at `offset`. Whole blocks are hashed, compressed and written to the
+        devices outside Core.lock (see store); the file grows block by block as each one's
+        bytes are in place, so a commit meanwhile publishes whole blocks only."""
         if offset < 0:
             raise Invalid("negative offset")
         n = len(data)
@@ -248,22 +251,20 @@ class Files(Layer):
             end = offset + n
             if end > MAX_FILE_SIZE:
                 raise FileTooBig("write past the maximum file size")
-            view = memoryview(data)
-            old_size = of.size
             if end > of.size:
                 self.policy.charge(of, end)
-                of.size = end
             of.changed = True
             of.mtime_ns = now_ns()
-            pos = 0
-            try:
-                while pos < n:
-                    idx, boff = divmod(offset + pos, bs)
-                    take = min(bs - boff, n - pos)
-                    if take == bs:
-                        self.store(of, idx, view[pos:pos + take])
-                        of.dirty.pop(idx, None)
-                    else:
+        view = memoryview(data)
+        pos = 0
+        try:
+            while pos < n:
+                idx, boff = divmod(offset + pos, bs)
+                take = min(bs - boff, n - pos)
+                if take == bs:
+                    self.store(of, idx, view[pos:pos + take], grow_to=offset + pos + take)
+                else:
+                    with self.core.lock:
                         buf = of.dirty.get(idx)
                         if buf is None:
                             buf = self._load_block(of, idx)
@@ -271,55 +272,78 @@ class Files(Layer):
                         if len(buf) < boff:
                             buf.extend(bytes(boff - len(buf)))
                         buf[boff:boff + take] = view[pos:pos + take]
+                        of.size = max(of.size, offset + pos + take)
                         if boff + take == bs:
                             try:
                                 self.store(of, idx, buf)
                                 del of.dirty[idx]
                             except NoSpace:
                                 pass  # stays dirty in memory; flush/close reports it
-                    pos += take
-            except KvfsError:
-                # Bytes before `pos` are written (in memory or stored); the rest is not.
-                of.size = max(old_size, offset + pos)
-                if pos == 0:
-                    raise
-                return pos
-            return n
+                pos += take
+        except KvfsError:
+            # Bytes before `pos` are written (in memory or stored), and the file has grown
+            # to cover them; the rest is not.
+            if pos == 0:
+                raise
+            return pos
+        return n
 
-    def store(self, of: OpenFile, idx: int, data) -> None:
-        """Make block `idx` of `of` hold `data` (up to the file size) as a pending block."""
-        raw_len = min(self.block_size, of.size - idx * self.block_size)
-        view = memoryview(data)[:max(raw_len, 0)]
-        old = of.changes.get(idx, False)
+    def store(self, of: OpenFile, idx: int, data, grow_to: int | None = None) -> None:
+        """Make block `idx` of `of` hold `data` (up to the file size, or `grow_to` to which
+        the file grows with it) as a pending block.
+
+        Hashing, compression and the device write of a new block run outside Core.lock
+        (unless the caller holds it); the dedup check, which holds a block found stored
+        and puts it in place at once, the allocation, and putting a new block in place are
+        each one short hold of it. `data` must not change meanwhile: a caller passing a
+        dirty buffer holds the lock throughout."""
+        with self.core.lock:
+            size = of.size if grow_to is None else max(of.size, grow_to)
+        raw_len = min(self.block_size, size - idx * self.block_size)
         if raw_len <= 0:
             return
+        view = memoryview(data)[:raw_len]
         if len(view) < raw_len:  # a dirty buffer that ends early: zeros follow
             view = memoryview(bytes(view) + bytes(raw_len - len(view)))
         h = codecs.block_hash(view)
         if h == _zero_hash(len(view)):
-            of.changes[idx] = None
+            with self.core.lock:
+                self._put(of, idx, None, grow_to)  # a hole
+            return
+        with self.core.lock:
+            old = of.changes.get(idx)
+            if old is not None and old.hash == h:  # the same bytes again
+                self._put(of, idx, old, grow_to)
+                return
+            if self.reuse(of, idx, h, grow_to):
+                return
+        stored, used = codecs.encode(view, of.codec)
+        with self.core.lock:
+            dev, off = self.policy.allocate(len(stored), (of.ino + idx) % len(self.devices.devices))
+        p = self.blocks.write(h, stored, dev, off, raw_len, used)
+        with self.core.lock:
+            self.blocks.hold(h)
+            self._put(of, idx, p, grow_to)
+
+    def _put(self, of: OpenFile, idx: int, p: Pending | None, grow_to: int | None) -> None:
+        """Block `idx` of `of` is pending block `p` (held; None: a hole) now. Under the lock."""
+        old = of.changes.get(idx, False)
+        if old is not p:
+            of.changes[idx] = p
             if old:
                 self.blocks.drop_pending(old)
-            return
-        if old and old.hash == h:
-            return
-        if not self.reuse(of, idx, h):
-            stored, used = codecs.encode(view, of.codec)
-            dev, off = self.policy.allocate(len(stored), (of.ino + idx) % len(self.devices.devices))
-            p = self.blocks.write(h, stored, dev, off, raw_len, used)  # (a failed write holds nothing)
-            self.blocks.hold(h)
-            of.changes[idx] = p
-        if old:
-            self.blocks.drop_pending(old)
+        if grow_to is not None:
+            of.dirty.pop(idx, None)  # a whole block written over a partial one
+            of.size = max(of.size, grow_to)
 
-    def reuse(self, of: OpenFile, idx: int, h: bytes) -> bool:
+    def reuse(self, of: OpenFile, idx: int, h: bytes, grow_to: int | None = None) -> bool:
         """Point block `idx` of `of` at the stored block `h`, if it is stored and sound
-        (as store does when it finds written bytes stored already)."""
+        (as store does when it finds written bytes stored already). Under the lock."""
         p = self.blocks.dedup(h)
         if p is None:
             return False
         self.blocks.hold(h)
-        of.changes[idx] = p
+        self._put(of, idx, p, grow_to)
         return True
 
     def resize(self, ino: int, size: int, t: int) -> None:

@@ -154,6 +154,59 @@ def test_a_failing_sync_is_eio_to_fsync_and_stays_so_until_remount(fault_mount):
     fsck(m.warehouse)
 
 
+def test_a_slow_device_stalls_its_writer_not_the_other_clients(make_mount, monkeypatch):
+    """Device writes and the devices' sync at a checkpoint run outside the warehouse lock
+    and off the event loop: while one client writes to a device that takes 1 s a write and
+    fsyncs while a sync takes 2 s, other clients' lookups, listings and reads of a
+    published file are answered at once (each took a whole device write or more when the
+    mount wrote and synced under its lock)."""
+    import threading
+    import time
+
+    monkeypatch.setenv("KVFS_FAULTS", "{}")
+    m = make_mount()
+    other = content("other", 256 * KiB)
+    write(m.p("other"), other, fsync=True)
+    faults(m, [{"op": "write", "delay": 1.0}, {"op": "sync", "delay": 2.0, "count": 1}])
+    big = content("big", 3 << 20)
+    done = threading.Event()
+    errors = []
+
+    def writer():
+        try:
+            write(m.p("big"), big, fsync=True)  # three device writes, then a slow sync
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            done.set()
+
+    t0 = time.monotonic()
+    threading.Thread(target=writer).start()
+    time.sleep(0.3)  # the writer is in its first device write
+    slowest, ops, i = 0.0, 0, 0
+    while not done.is_set():
+        i += 1
+        t = time.monotonic()
+        assert not os.path.exists(m.p(f"missing-{i}"))  # a lookup the kernel has not cached
+        assert "other" in os.listdir(m.path)
+        fd = os.open(m.p("other"), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # (the read reaches the daemon)
+            assert os.pread(fd, len(other), 0) == other
+        finally:
+            os.close(fd)
+        slowest = max(slowest, time.monotonic() - t)
+        ops += 1
+        time.sleep(0.05)
+    assert not errors, errors
+    assert time.monotonic() - t0 >= 4.5  # (the faults did slow the writer: 3 s of writes, 2 s of sync)
+    assert ops >= 20 and slowest < 0.5, (ops, slowest)
+    assert read(m.p("big")) == big
+    faults(m, [])
+    m.umount()
+    fsck(m.warehouse)
+
+
 def test_fault_injection_is_off_without_the_environment(mnt):
     from kvfs.errors import QuietError
 
