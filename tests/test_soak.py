@@ -5,6 +5,7 @@ import importlib.util
 import json
 import mmap
 import os
+import struct
 import subprocess
 import sys
 
@@ -68,14 +69,19 @@ def test_soak_retire_expects_only_the_race(mnt, tmp_path):
 
 
 def malloc_arenas(pid) -> int:
-    """glibc malloc arenas of a process besides the main one: anonymous mappings that start
-    on a 64 MiB boundary (HEAP_MAX_SIZE), where glibc places each arena's heap."""
+    """glibc malloc arenas of a process besides the main one. Each lives in heaps: mappings
+    that start on a 64 MiB boundary (HEAP_MAX_SIZE) and open with a heap_info whose second
+    word (`prev`) is NULL in an arena's first heap only; an arena that outgrows 64 MiB adds
+    heaps that point back at it, and those are not more arenas."""
     n = 0
-    with open(f"/proc/{pid}/maps") as f:
-        for line in f:
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb") as mem:
+        for line in maps:
             parts = line.split()
-            if len(parts) == 5 and int(parts[0].split("-")[0], 16) % (64 << 20) == 0 and parts[1] == "rw-p":
-                n += 1
+            start = int(parts[0].split("-")[0], 16)
+            if len(parts) == 5 and start % (64 << 20) == 0 and parts[1] == "rw-p":
+                mem.seek(start)
+                _ar_ptr, prev = struct.unpack("<QQ", mem.read(16))
+                n += prev == 0
     return n
 
 
