@@ -5,6 +5,8 @@ whatever codec stored it, and verification after decoding proves the bytes are t
 were written.
 """
 
+import threading
+
 import xxhash
 import zstandard
 
@@ -17,9 +19,17 @@ CODEC_ZSTD = 1
 CODEC_NAMES = {"none": CODEC_NONE, "zstd": CODEC_ZSTD}
 
 _ZSTD_LEVEL = 3
-# zstd contexts are not thread-safe; reads run in worker threads, so one per call is used
-# for decompression (cheap) and a module-level compressor only under the warehouse lock.
-_compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
+# zstd contexts are not thread-safe (two threads in one crash the process). Blocks are
+# compressed in many threads at once (writers, direct stores) outside any lock: one
+# compressor per thread. Decompression makes one per call (cheap).
+_local = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    c = getattr(_local, "compressor", None)
+    if c is None:
+        c = _local.compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
+    return c
 
 
 def block_hash(data) -> bytes:
@@ -39,7 +49,7 @@ def encode(data, codec: int) -> tuple[bytes, int]:
     Raw blocks are stored without their trailing zeros (a partly written block of a sparse
     or padded file takes the space of its data); decode() pads them back."""
     if codec == CODEC_ZSTD:
-        packed = _compressor.compress(data)
+        packed = _compressor().compress(data)
         # Keep compression only where it saves at least one 4 KiB allocation unit.
         if len(packed) + 4096 <= len(data):
             return packed, CODEC_ZSTD

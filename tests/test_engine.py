@@ -718,3 +718,39 @@ def test_read_ahead_queued_but_without_a_thread_ends_only_its_own_registration(t
     assert w.devices._readers == {}
     w.cache._ahead_pool = None  # (its stand-in has no shutdown)
     w.close()
+
+
+def test_many_threads_compress_blocks_at_once(tmp_path):
+    """Blocks are compressed outside the lock by every writer thread at once: zstd contexts
+    are not thread-safe (a shared one crashed the daemon), so each thread has its own."""
+    import threading
+
+    w = Warehouse.mkfs(str(tmp_path / "w"), size=256 << 20)
+    w = Warehouse(str(tmp_path / "w"), compression="zstd")
+    try:
+        datas = [(bytes([i]) * 1000 + os.urandom(200)) * 2000 for i in range(8)]
+        errors = []
+
+        def work(i):
+            try:
+                for r in range(3):
+                    fh, _ = w.create(M.ROOT_INO, f"f{i}.{r}".encode(), 0o644, 0, 0)
+                    w.write(fh, 0, datas[i])
+                    w.release(fh)
+            except Exception as exc:  # (an assert in a thread would only warn)
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        for i in range(8):
+            ino = w.lookup(M.ROOT_INO, f"f{i}.2".encode()).ino
+            fh = w.open(ino)
+            assert bytes(w.read(fh, 0, len(datas[i]))) == datas[i]
+            w.release(fh)
+        assert w.stats()["counters"].get("stored_blocks", 0) > 0
+    finally:
+        w.close()
