@@ -13,6 +13,9 @@ readdir):
     .kvfs/lookup      mode 0666: write a JSON list of paths (relative to the mount's root),
                       read a JSON list of booleans: which exist, as far as the caller may
                       search the directories on the way. A batch costs one round trip.
+    .kvfs/direct      mode 0444, only while the direct path is served: JSON naming its
+                      socket, {"version", "socket", "pid", "block_size"} (kvfs.direct_server,
+                      kvfs-direct(7)).
 
 Requests and replies (`run` below is the one dispatcher, used in the daemon and, for an
 unmounted warehouse, in the tool's own process: kvfs.tools.client.Local):
@@ -48,6 +51,7 @@ CONTROL_FILE = "control"
 STATS_FILE = "stats.json"
 METRICS_FILE = "metrics"
 LOOKUP_FILE = "lookup"
+DIRECT_FILE = "direct"
 MAX_REQUEST = 64 << 10
 OPERATIONS = ("stats", "retire", "gc", "tune", "faults")
 

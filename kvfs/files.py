@@ -432,7 +432,7 @@ class Files(Layer):
                             effects.append((p.dev, p.offset, p.stored_len))
                         continue
                     if self.blocks.reference(txn, p, effects):
-                        self._repoint(p)
+                        self.repoint(p)
                     txn.put(key, p.hash, db=db["bmap"])
                     if old is not None:
                         dropped.append(old)
@@ -457,7 +457,7 @@ class Files(Layer):
         self.counters["commits"] += 1
         self.core.published(of.ino)  # published here: queued for the shared tier
 
-    def _repoint(self, p: Pending) -> None:
+    def repoint(self, p: Pending) -> None:
         """A heal moved block p.hash to p's copy: other open files' uncommitted references
         to it (found stored when they wrote it) follow, never naming the freed copy."""
         moved = Pending(p.hash, p.dev, p.offset, p.stored_len, p.raw_len, p.codec, False)

@@ -40,11 +40,13 @@ CTL_FILE_INO = CTL_DIR_INO + 1
 STATS_INO = CTL_DIR_INO + 2
 METRICS_INO = CTL_DIR_INO + 3
 LOOKUP_INO = CTL_DIR_INO + 4
+DIRECT_INO = CTL_DIR_INO + 5
 VIRTUAL_NAMES = {
     control.CONTROL_FILE.encode(): CTL_FILE_INO,
     control.STATS_FILE.encode(): STATS_INO,
     control.METRICS_FILE.encode(): METRICS_INO,
     control.LOOKUP_FILE.encode(): LOOKUP_INO,
+    control.DIRECT_FILE.encode(): DIRECT_INO,
 }
 VIRTUAL_MODES = {
     CTL_DIR_INO: stat.S_IFDIR | 0o755,
@@ -52,6 +54,7 @@ VIRTUAL_MODES = {
     STATS_INO: stat.S_IFREG | 0o444,
     METRICS_INO: stat.S_IFREG | 0o444,
     LOOKUP_INO: stat.S_IFREG | 0o666,  # anyone: answers only what the caller may search
+    DIRECT_INO: stat.S_IFREG | 0o444,  # where the direct path's socket is (kvfs.direct_server)
 }
 VIRTUAL_FH = 1 << 62  # handles of open control files count up from here
 
@@ -115,6 +118,7 @@ class Operations(pyfuse3.Operations):
         self._next_ctl_fh = VIRTUAL_FH
         self._stale: dict[int, float] = {}  # caller pid -> until when its open's retry is expected
         self._started = time.time_ns()
+        self.direct_info: bytes | None = None  # .kvfs/direct: set by kvfs.mount when it serves the direct path
         warehouse.on_removed = self._removed
 
     @staticmethod
@@ -162,6 +166,8 @@ class Operations(pyfuse3.Operations):
     async def lookup(self, parent_inode, name, ctx=None):
         if _reserved(parent_inode, name):
             ino = CTL_DIR_INO if parent_inode == ROOT_INO else VIRTUAL_NAMES.get(name)
+            if ino == DIRECT_INO and self.direct_info is None:
+                ino = None  # no direct path: clients use file I/O
             if ino is not None:
                 return self._virtual_entry(ino)
         else:
@@ -393,6 +399,10 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 
     def _snapshot(self, ino: int) -> bytes:
+        if ino == DIRECT_INO:
+            if self.direct_info is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self.direct_info
         if ino == METRICS_INO:
             from . import metrics
 

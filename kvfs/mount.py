@@ -23,7 +23,7 @@ HOUSEKEEPING_INTERVAL = 1.0  # seconds between looks for expired files and retir
 READ_AHEAD_KB = 4096
 # Mount options that belong to kvfs rather than to FUSE / the kernel.
 KVFS_OPTIONS = {"compress", "durability", "metrics_port", "metrics_addr",
-                "shared", "shared_endpoint", "shared_timeout", "shared_queue"}
+                "shared", "shared_endpoint", "shared_timeout", "shared_queue", "direct"}
 M_ARENA_MAX = -8  # mallopt(3) parameter (glibc malloc.h)
 MALLOC_ARENAS = 2
 
@@ -156,6 +156,17 @@ def serve(warehouse: str, mountpoint: str, fuse_opts: set[str], kvfs_opts: dict[
         msg = f"cannot mount on {mountpoint}: {exc}"
         tell(f"error {EXIT_MOUNT_FAILED} {msg}")
         raise QuietError(msg, EXIT_MOUNT_FAILED) from None
+    direct = None
+    if (kvfs_opts.get("direct") or "on") != "off":
+        from .direct_server import DirectServer
+
+        try:
+            direct = DirectServer(wh, only_uid=None if "allow_other" in fuse_opts else os.geteuid())
+            direct.start()
+            ops.direct_info = direct.describe()
+        except OSError as exc:  # the mount serves on; clients use file I/O
+            log.warning("direct path not served: %s", exc)
+            direct = None
     if wh.recovery is not None:
         log.warning("warehouse was not cleanly unmounted; recovery ran: %s", wh.recovery)
     log.info("serving %s on %s (pid %d, options %s)", wh.path, mountpoint, os.getpid(), sorted(options))
@@ -255,6 +266,8 @@ def serve(warehouse: str, mountpoint: str, fuse_opts: set[str], kvfs_opts: dict[
     finally:
         if metrics_server is not None:
             metrics_server.shutdown()
+        if direct is not None:
+            direct.stop()
         try:
             pyfuse3.close(unmount=True)
         except Exception:

@@ -209,11 +209,11 @@ class Namespace(Layer):
         ino = self.meta.next_counter(txn, b"next_ino", M.ROOT_INO + 1)
         nlink = 2 if stat.S_ISDIR(mode) else 1
         flags = parent.flags & M.F_PINNED  # pin and ttl are inherited from the directory
-        if self._dir_codec(txn, parent) == codecs.CODEC_ZSTD:
+        if self.dir_codec(txn, parent) == codecs.CODEC_ZSTD:
             flags |= M.F_COMPRESS
         return M.Inode(ino, mode, nlink, uid, gid, 0, t, t, t, rdev, flags, parent.ttl)
 
-    def _dir_codec(self, txn, parent: M.Inode) -> int:
+    def dir_codec(self, txn, parent: M.Inode) -> int:
         raw = txn.get(M.xattr_key(parent.ino, COMPRESS_XATTR), db=self.meta.db["xattrs"])
         if raw is not None:
             try:

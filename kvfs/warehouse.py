@@ -12,6 +12,7 @@ rest is done by the layers it holds, and its other methods hand each call to one
   policy     kvfs.policy        pins, TTLs, quotas, watermarks, eviction, retire, quarantine
   blocks     kvfs.blocks        block records: dedup, holds, refcounts, freeing
   sharing    kvfs.shared_files  the shared tier's remote files and upload queue
+  direct     kvfs.direct        batched lookups, reads and stores of the direct path
 
 They share one kvfs.core.Core (metadata, devices, the lock, counters, open files). Imports
 point down: this module imports the layers, none of them imports it, and none imports
@@ -29,6 +30,7 @@ from . import meta as M
 from .blockcache import BlockCache
 from .blocks import BlockStore
 from .core import Core, now_ns
+from .direct import Direct
 from .errors import KvfsError, QuietError, EXIT_NEEDS_FSCK, EXIT_NO_WAREHOUSE
 from .files import Files
 from .layout import BACKUP_DIRS, META_DIR, POWER_CUT_DIR, take_lock
@@ -81,6 +83,8 @@ class Warehouse:
         self.files = Files(core, self.namespace, self.blocks, self.cache, self.policy, self.checkpoint)
         self.reader = Reader(core, self.files, self.cache)
         self.sharing = SharedFiles(core, self.namespace, self.files, self.blocks, self.cache)
+        self.direct = Direct(core, self.namespace, self.blocks, self.cache, self.policy, self.files,
+                             self.sharing, self.checkpoint)
         try:
             if not readonly:
                 with meta.begin(write=True) as txn:
@@ -172,6 +176,7 @@ class Warehouse:
 
     def close(self) -> None:
         """Commit every open file, mark the warehouse clean and release it."""
+        self.direct.close()  # (not under the lock: its requests in flight take it)
         with self._lock:
             if self._lock_fd < 0:
                 return

@@ -16,7 +16,7 @@ MAX_CLASS, MAX_MODULE = 600, 900
 ENGINE = [
     "kvfs.errors", "kvfs.units", "kvfs.codec", "kvfs.meta", "kvfs.store", "kvfs.layout",
     "kvfs.core", "kvfs.blocks", "kvfs.namespace", "kvfs.blockcache", "kvfs.policy",
-    "kvfs.files", "kvfs.reads", "kvfs.shared_files", "kvfs.shared", "kvfs.mkfs", "kvfs.warehouse",
+    "kvfs.files", "kvfs.reads", "kvfs.shared_files", "kvfs.shared", "kvfs.direct", "kvfs.mkfs", "kvfs.warehouse", "kvfs.direct_server",
 ]
 FUSE_ONLY = {"kvfs.fs", "kvfs.mount"}  # the only importers of pyfuse3 and trio
 
