@@ -36,6 +36,11 @@ def block_hash(data) -> bytes:
     return xxhash.xxh3_128_digest(data)
 
 
+def block_hasher():
+    """A streaming block_hash: update() with the block's pieces in order, then digest()."""
+    return xxhash.xxh3_128()
+
+
 def codec_by_name(name: str) -> int:
     try:
         return CODEC_NAMES[name]

@@ -249,18 +249,22 @@ class Device:
             raise Corrupt(f"device {self.index}: short read at {offset} ({len(data)} of {length})")
         return data
 
-    def preadinto(self, view: memoryview, offset: int) -> None:
-        """Read len(view) bytes at `offset` into `view` (the direct path: straight into a
-        client's memory; preadv drops the GIL). Corrupt on a short read, as pread."""
-        length = len(view)
+    def preadinto(self, views: list, offset: int) -> None:
+        """Read into `views` (memoryviews, filled in order) from `offset`: the direct path,
+        straight into a client's memory (preadv drops the GIL). Corrupt on a short read."""
+        length = sum(len(v) for v in views)
         try:
             unsynced = None
             if self.faults is not None:
                 self.faults.check("read", self.index, offset, length)
                 unsynced = list(self._unsynced.items()) if self._unsynced else None
-            n = os.preadv(self.fd, [view], offset)
+            n = os.preadv(self.fd, views, offset) if length else 0
             if unsynced and n == length:
-                view[:] = self._overlay(bytes(view), offset, unsynced)
+                data = self._overlay(b"".join(bytes(v) for v in views), offset, unsynced)
+                pos = 0
+                for v in views:
+                    v[:] = data[pos:pos + len(v)]
+                    pos += len(v)
         except OSError as exc:
             raise KvfsError(f"device {self.index} read at {offset}: {exc.strerror}", exc.errno) from None
         self.reads += 1
