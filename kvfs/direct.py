@@ -453,6 +453,8 @@ class Direct(Layer):
                     self.namespace.mkdir(parent, parts[n - 1], 0o755, caller.uid, caller.gid, caller.pid)
                 except KvfsError:
                     break  # its files report why
+                # The kernel may hold a negative entry for the name (a lookup that missed).
+                self.core.notify_removed([(parent, parts[n - 1], 0)])
 
     def _check_replace(self, txn, caller: Caller, parent: int, pdir: M.Inode, name: bytes) -> M.Inode | None:
         """What a store into parent/name replaces; refused where rename(2) would be."""

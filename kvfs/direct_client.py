@@ -84,7 +84,10 @@ class Buffer:
         self.view = memoryview(self.mm)
 
     def close(self) -> None:
-        """Unregister and unmap (arrays made from it must be gone)."""
+        """Unregister it: the daemon lets go of it. The memory stays mapped here for as
+        long as anything uses it (an array made from it, say) and is unmapped with the
+        last user: numpy does not hold a mapping's buffer, so closing it here could pull
+        the memory out from under an array."""
         if self.mm is None:
             return
         try:
@@ -92,10 +95,6 @@ class Buffer:
         except OSError:
             pass
         self.view.release()
-        try:
-            self.mm.close()
-        except BufferError:  # arrays still use it: unmapped when they go
-            pass
         self.mm = None
 
 

@@ -19,11 +19,19 @@ any safetensors reader can open it. Files are written to a temporary name and re
 place: readers never see half a chunk, and concurrent writers of the same chunk are harmless
 (they write the same bytes). On a kvfs mount, chunks that two prompts share are stored once.
 
-Lookups ask about a whole batch of candidate chunks in one round trip on a kvfs mount (the
-mount's .kvfs/lookup file) and fall back to one existence check each elsewhere.
+On a kvfs mount that serves the direct path (kvfs.direct_client, kvfs-direct(7)), lookups,
+stores and loads use it by themselves: one request looks up a whole chain, one stores a
+batch of chunk files (serialized straight into memory shared with the daemon, published
+at once), and loads read every tensor's bytes straight into the returned array, which lives
+in shared memory (no copy after the daemon's read). Where the direct path cannot be used
+(another filesystem, an older daemon, a mount with -o direct=off, a refused client, or a
+failure midway) the same calls use file I/O through the mount: the same bytes either way.
+Lookups then ask the mount's .kvfs/lookup file (one round trip), or stat each chunk elsewhere.
 """
 
+import errno
 import json
+import logging
 import os
 import struct
 from dataclasses import dataclass, field
@@ -31,7 +39,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import xxhash
 
+log = logging.getLogger("kvfs.kv")
+
 FORMAT = "kvfs.kv/1"
+STAGING_BYTES = 64 << 20  # client memory shared with the daemon for stores and chunk headers
 HASH_BYTES = 16
 _ROOT_PARENT = bytes(HASH_BYTES)
 _SAFETENSORS_DTYPES = {
@@ -79,6 +90,7 @@ class KVStore:
     layout: str = "LKTD"
     lora: str = ""
     salt: str = ""  # per tenant: the same prompt of two tenants gets two names
+    direct: bool = True  # use the mount's direct path where it is served
     _lookup_file: str | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
@@ -87,6 +99,36 @@ class KVStore:
                 raise ValueError(f"namespace and model must be plain names, not {part!r}")
         self.dir = os.path.join(self.root, self.namespace, self.model)
         self._lookup_file = _find_lookup_file(self.root)
+        self._client = None
+        self._staging = None
+        if self.direct:
+            from .direct_client import connect
+
+            self._client = connect(self.root)
+
+    @property
+    def uses_direct_path(self) -> bool:
+        return self._client is not None
+
+    def close(self) -> None:
+        """Let go of the direct path's connection and shared memory (also done at exit)."""
+        if self._staging is not None:
+            self._staging.close()
+            self._staging = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def _fall_back(self, exc: Exception) -> None:
+        log.warning("kvfs.kv: the direct path failed (%s); using file I/O from now on", exc)
+        self.close()
+
+    def _staging_buffer(self, size: int):
+        if self._staging is None or self._staging.size < size:
+            if self._staging is not None:
+                self._staging.close()
+            self._staging = self._client.buffer(max(size, STAGING_BYTES))
+        return self._staging
 
     @property
     def extra(self) -> dict[str, str]:
@@ -108,35 +150,78 @@ class KVStore:
     def store(self, tokens, kv) -> list[str]:
         """Store every whole chunk of `tokens` with its slice of `kv` (layers, 2, tokens,
         ...); chunks already stored are not written again. Returns the chunks' paths."""
-        kv = _to_numpy(kv)
+        kv, kv_dtype = _to_numpy(kv)
         if kv.ndim < 3 or kv.shape[1] != 2 or kv.shape[2] < len(tokens) - len(tokens) % self.chunk_tokens:
             raise ValueError("kv must be shaped (layers, 2, tokens, ...) with a slice for every token")
         ids = np.asarray(tokens, dtype=np.int64)
         chain = self.chain(ids)
         have = self.exists(chain)
-        paths = []
+        paths = [self.path(h) for h in chain]
+        todo = []
         for i, (h, present) in enumerate(zip(chain, have)):
-            path = self.path(h)
-            paths.append(path)
             if present:
                 continue
             lo, hi = i * self.chunk_tokens, (i + 1) * self.chunk_tokens
             tensors = {"tokens": ids[lo:hi].astype(np.uint32)}
             for layer in range(kv.shape[0]):
-                tensors[f"layer.{layer}.k"] = np.ascontiguousarray(kv[layer, 0, lo:hi])
-                tensors[f"layer.{layer}.v"] = np.ascontiguousarray(kv[layer, 1, lo:hi])
+                tensors[f"layer.{layer}.k"] = kv[layer, 0, lo:hi]
+                tensors[f"layer.{layer}.v"] = kv[layer, 1, lo:hi]
             meta = {"format": FORMAT, "model": self.model, "revision": self.revision,
-                    "dtype": self.dtype or str(kv.dtype), "layout": self.layout,
+                    "dtype": self.dtype or kv_dtype, "layout": self.layout,
                     "chunk_index": str(i), "chunk_tokens": str(self.chunk_tokens),
                     "chain": h.hex(), "parent": chain[i - 1].hex() if i else ""}
-            _write_atomic(path, tensors, meta)
+            todo.append((paths[i], tensors, meta, kv_dtype))
+        if todo and self._client is not None:
+            try:
+                self._store_direct(todo)
+                return paths
+            except OSError as exc:
+                if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+                    raise  # file I/O would fail alike
+                self._fall_back(exc)
+        for path, tensors, meta, st_dtype in todo:
+            _write_atomic(path, tensors, meta, st_dtype)
         return paths
+
+    def _store_direct(self, todo: list) -> None:
+        """Serialize chunk files into shared memory and store them in batches, each batch
+        published at once."""
+        layouts = [_layout(tensors, meta, st_dtype) for _, tensors, meta, st_dtype in todo]
+        biggest = max(size for _, _, size in layouts)
+        buf = self._staging_buffer(biggest)
+        batch, used = [], 0
+        for (path, tensors, _, _), (header, offsets, size) in zip(todo, layouts):
+            if used + size > buf.size:
+                self._flush_stores(batch)
+                batch, used = [], 0
+            view = np.frombuffer(buf.mm, np.uint8, size, used)
+            view[:len(header)] = np.frombuffer(header, np.uint8)
+            for name, (start, end) in offsets.items():
+                t = tensors[name]
+                dst = view[len(header) + start:len(header) + end].view(t.dtype).reshape(t.shape)
+                np.copyto(dst, t)
+            del view, dst
+            batch.append((path, buf, used, size, 0o644))
+            used += size
+        self._flush_stores(batch)
+
+    def _flush_stores(self, batch: list) -> None:
+        if not batch:
+            return
+        for (path, *_), r in zip(batch, self._client.write(batch, parents=True)):
+            if r < 0:
+                raise OSError(-r, f"storing {path}: {os.strerror(-r)}")
 
     # -- reading ---------------------------------------------------------------------------
 
     def exists(self, chain: list[bytes]) -> list[bool]:
         """Which of these chunks are stored: one round trip on a kvfs mount."""
         paths = [self.path(h) for h in chain]
+        if self._client is not None and paths:
+            try:
+                return [n >= 0 for n in self._client.lookup(paths)]
+            except OSError as exc:
+                self._fall_back(exc)
         if self._lookup_file and paths:
             try:
                 return _batch_exists(self._lookup_file, self.root, paths)
@@ -164,19 +249,35 @@ class KVStore:
                 break
         return out
 
-    def load(self, tokens, framework: str = "np"):
+    def load(self, tokens, framework: str = "np", device: str | None = None):
         """(cached token count, kv shaped (layers, 2, tokens, ...)) for the longest cached
-        prefix; kv is None when nothing is cached. framework "pt" gives a torch tensor."""
+        prefix; kv is None when nothing is cached. framework "pt" gives a torch tensor;
+        device (e.g. "cuda") puts it there (torch), copied in as the chunks arrive."""
+        if self._client is not None:
+            try:
+                got = self._load_direct(tokens, framework, device)
+                if got is not None:
+                    return got
+            except OSError as exc:
+                self._fall_back(exc)
         chunks = self.load_chunks(tokens)
         if not chunks:
             return 0, None
         kv = np.concatenate([c.kv() for c in chunks], axis=2)
         n = len(chunks) * self.chunk_tokens
-        if framework == "pt":
+        if framework == "pt" or device is not None:
             import torch
 
-            return n, torch.from_numpy(kv)
+            out = torch.from_numpy(kv)
+            return n, out.to(device) if device is not None else out
         return n, kv
+
+    def _load_direct(self, tokens, framework: str, device: str | None):
+        """load() on the direct path: the chunks' first blocks (their headers) into staging
+        memory, then every tensor's bytes straight into the result, which lives in memory
+        shared with the daemon. None if a chunk's layout is not what this reads (file I/O
+        then)."""
+        return _DirectLoad(self, self._client).run(tokens, framework, device)
 
 
 @dataclass
@@ -230,18 +331,52 @@ def open_chunk(path: str) -> Chunk:
     return Chunk(path, meta, tensors)
 
 
-def _to_numpy(kv) -> np.ndarray:
-    if isinstance(kv, np.ndarray):
-        return kv
+def _to_numpy(kv) -> tuple[np.ndarray, str]:
+    """(an array of kv's bytes, its safetensors dtype). A torch bfloat16 tensor, which numpy
+    cannot hold, comes as its raw 16-bit words, dtype BF16."""
     if hasattr(kv, "detach"):  # a torch tensor
-        return kv.detach().cpu().numpy()
-    return np.asarray(kv)
+        kv = kv.detach().cpu()
+        if str(kv.dtype) == "torch.bfloat16":
+            import torch
+
+            return kv.view(torch.int16).numpy().view(np.uint16), "BF16"
+        kv = kv.numpy()
+    kv = np.asarray(kv)
+    name = _DTYPE_NAMES.get(np.dtype(kv.dtype).str)
+    if name is None:
+        raise ValueError(f"kv dtype {kv.dtype} has no safetensors name")
+    return kv, name
 
 
-def _write_atomic(path: str, tensors: dict, meta: dict) -> None:
-    from safetensors.numpy import save
+_DTYPE_NAMES = {np.dtype(v).str: k for k, v in _SAFETENSORS_DTYPES.items() if v is not None}
 
-    data = save(tensors, metadata=meta)
+
+def _layout(tensors: dict, meta: dict, kv_dtype: str) -> tuple[bytes, dict, int]:
+    """A safetensors file's layout: (its first 8 + header bytes, name -> (start, end) of
+    the data after them, file size). Tensors lie in the dict's order, contiguous."""
+    entries, offsets, pos = {}, {}, 0
+    for name, t in tensors.items():
+        n = t.size * t.dtype.itemsize
+        dtype = "U32" if name == "tokens" else kv_dtype
+        entries[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [pos, pos + n]}
+        offsets[name] = (pos, pos + n)
+        pos += n
+    entries["__metadata__"] = meta
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    head = struct.pack("<Q", len(header)) + header
+    return head, offsets, len(head) + pos
+
+
+def _write_atomic(path: str, tensors: dict, meta: dict, kv_dtype: str) -> None:
+    """Write a chunk file (the same bytes the direct path stores) under a temporary name
+    and rename it into place."""
+    head, offsets, size = _layout(tensors, meta, kv_dtype)
+    data = bytearray(size)
+    data[:len(head)] = head
+    for name, (start, end) in offsets.items():
+        t = tensors[name]
+        np.copyto(np.frombuffer(data, t.dtype, t.size, len(head) + start).reshape(t.shape), t)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
     fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -284,3 +419,162 @@ def _batch_exists(lookup_file: str, root: str, paths: list[str]) -> list[bool]:
     if not isinstance(answer, list) or len(answer) != len(paths):
         raise OSError("malformed lookup reply")
     return [bool(a) for a in answer]
+
+
+class _DirectLoad:
+    """KVStore.load on the direct path (see KVStore._load_direct). Chunks are taken in
+    windows of STAGING_BYTES of first blocks: one request reads their first blocks (the
+    safetensors headers and the first tensors) into staging memory, one reads every other
+    tensor byte straight into its place in the result."""
+
+    def __init__(self, store: KVStore, client):
+        self.store = store
+        self.client = client
+        self.bs = client.block_size
+
+    def run(self, tokens, framework: str, device: str | None):
+        st, c, bs = self.store, self.client, self.bs
+        chain = st.chain(tokens)
+        if not chain:
+            return 0, None
+        paths = [st.path(h) for h in chain]
+        sizes = c.lookup(paths)
+        n = next((i for i, s in enumerate(sizes) if s < 0), len(sizes))
+        if n == 0:
+            return 0, None
+        per = max(1, STAGING_BYTES // bs)
+        staging = st._staging_buffer(per * bs)
+        out = shape = None
+        ct = st.chunk_tokens
+        gpu = None
+        w0 = 0
+        while w0 < n:
+            window = range(w0, min(n, w0 + per))
+            heads = c.read([(paths[i], 0, min(sizes[i], bs), staging, (i - w0) * bs) for i in window])
+            layouts = []
+            for k, i in enumerate(window):
+                layout = None
+                if heads[k] == min(sizes[i], bs):
+                    layout = _parse_head(staging.mm, k * bs, heads[k], sizes[i], ct)
+                if layout is None or (shape is not None and layout[0] != shape):
+                    if i == 0:
+                        return None  # not a layout read here: file I/O reads it
+                    n = i  # evicted meanwhile, or another layout: the prefix ends here
+                    break
+                shape = layout[0]
+                layouts.append(layout)
+            if out is None:
+                layers, dtype, rest, st_dtype = shape
+                total = n * ct
+                row = int(np.prod(rest, dtype=np.int64)) * dtype.itemsize
+                outbuf = c.buffer(max(1, layers * 2 * total * row))
+                out = np.ndarray((layers, 2, total, *rest), dtype=dtype, buffer=outbuf.mm)
+                if device is not None:
+                    gpu = _Gpu(out, device, st_dtype)
+            items, owners = [], []
+            for k, (i, (_, tensors)) in enumerate(zip(window, layouts)):
+                for (layer, half), (start, end) in tensors.items():
+                    dest = out[layer, half, i * ct:(i + 1) * ct]
+                    flat = dest.reshape(-1).view(np.uint8)
+                    split = min(max(start, bs), end)  # what lies in the first block is in staging
+                    if split > start:
+                        flat[:split - start] = np.frombuffer(staging.mm, np.uint8, split - start, k * bs + start)
+                    if end > split:
+                        base = flat.ctypes.data - out.ctypes.data
+                        items.append((paths[i], split, end - split, outbuf, base + split - start))
+                        owners.append(i)
+            if items:
+                for i, r, item in zip(owners, c.read(items), items):
+                    if r != item[2]:
+                        n = min(n, i)
+            n = min(n, w0 + len(layouts))
+            if gpu is not None:
+                gpu.copy(w0 * ct, min(n, window.stop) * ct)
+            w0 = window.stop
+        outbuf.close()  # the daemon lets go; the array keeps the memory
+        kv = out if n * ct == out.shape[2] else out[:, :, :n * ct]
+        if gpu is not None:
+            return n * ct, gpu.finish(n * ct)
+        if framework == "pt":
+            return n * ct, _torch(kv, shape[3])
+        return n * ct, kv  # (BF16: its raw 16-bit words, which numpy cannot hold as bf16)
+
+
+def _torch(arr: np.ndarray, st_dtype: str):
+    import torch
+
+    t = torch.from_numpy(arr)
+    return t.view(torch.bfloat16) if st_dtype == "BF16" else t
+
+
+class _Gpu:
+    """A load's result copied into GPU memory while the rest is read: the result's shared
+    memory is registered as pinned host memory and each window copied asynchronously on a
+    stream of its own. (Not exercised by the test suite: it has no GPU.)"""
+
+    def __init__(self, out: np.ndarray, device: str, st_dtype: str):
+        import torch
+
+        self.torch = torch
+        self.host = _torch(out, st_dtype)
+        self.dev = torch.empty(self.host.shape, dtype=self.host.dtype, device=device)
+        self.ptr, self.nbytes = out.ctypes.data, out.nbytes
+        rc = torch.cuda.cudart().cudaHostRegister(self.ptr, self.nbytes, 0)
+        self.pinned = int(getattr(rc, "value", rc)) == 0
+        self.stream = torch.cuda.Stream(device=self.dev.device)
+
+    def copy(self, lo: int, hi: int) -> None:
+        if hi > lo:
+            with self.torch.cuda.stream(self.stream):
+                self.dev[:, :, lo:hi].copy_(self.host[:, :, lo:hi], non_blocking=self.pinned)
+
+    def finish(self, tokens: int):
+        self.stream.synchronize()
+        if self.pinned:
+            self.torch.cuda.cudart().cudaHostUnregister(self.ptr)
+        return self.dev[:, :, :tokens]
+
+
+def _parse_head(mm, at: int, got: int, size: int, ct: int):
+    try:
+        return _parse_header(mm, at, got, size, ct)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None  # not a header this reads: file I/O reads the file
+
+
+def _parse_header(mm, at: int, got: int, size: int, ct: int):
+    """((layers, dtype, rest shape, safetensors dtype), {(layer, 0|1): (start, end) in the
+    file}) from a chunk file's first bytes at mm[at:at+got], or None if it is not a kvfs.kv
+    chunk of `ct` tokens whose every tensor this reads."""
+    if got < 8:
+        return None
+    (n,) = struct.unpack_from("<Q", mm, at)
+    if 8 + n > got:
+        return None  # a header past the first block: file I/O reads it
+    try:
+        header = json.loads(bytes(mm[at + 8:at + 8 + n]))
+    except ValueError:
+        return None
+    header.pop("__metadata__", None)
+    tensors, shape = {}, None
+    for name, t in header.items():
+        if name == "tokens":
+            continue
+        parts = name.split(".")
+        if len(parts) != 3 or parts[0] != "layer" or parts[2] not in ("k", "v") or not parts[1].isdigit():
+            return None
+        dtype = np.uint16 if t.get("dtype") == "BF16" else _SAFETENSORS_DTYPES.get(t.get("dtype"))
+        if dtype is None or not t.get("shape") or t["shape"][0] != ct:
+            return None
+        this = (np.dtype(dtype), tuple(t["shape"][1:]), t["dtype"])
+        if shape is not None and this != shape:
+            return None
+        shape = this
+        start, end = t["data_offsets"]
+        tensors[(int(parts[1]), int(parts[2] == "v"))] = (8 + n + start, 8 + n + end)
+    layers = len(tensors) // 2
+    if not layers or set(tensors) != {(l, h) for l in range(layers) for h in (0, 1)}:
+        return None
+    if any(end > size for _, end in tensors.values()):
+        return None
+    return (layers, shape[0], shape[1], shape[2]), tensors
