@@ -44,6 +44,7 @@ log = logging.getLogger("kvfs.direct")
 
 DIRECT_THREADS = 8  # device reads and block stores of direct requests in flight at once
 MAX_ITEMS = 1 << 20  # files or ranges in one request
+INLINE_BYTES = 64 << 10  # files up to this size are stored by the request's thread itself
 
 R_OK, W_OK, X_OK = 4, 2, 1
 
@@ -90,7 +91,7 @@ class _Paths:
         self.meta = namespace.meta
         self.txn = txn
         self.caller = caller
-        self._dirs: dict[tuple, int | _Refused] = {(): M.ROOT_INO}
+        self._checked: dict[tuple, tuple | _Refused] = {}
 
     @staticmethod
     def split(path) -> tuple:
@@ -110,18 +111,28 @@ class _Paths:
 
     def directory(self, parts: tuple, write: bool = False) -> tuple[int, M.Inode]:
         """(ino, inode) of the directory `parts`, which the caller may search (and, with
-        write, write into)."""
-        ino = self._dirs.get(parts)
-        if ino is None:
+        write, write into). Each answer is kept for the batch."""
+        key = (parts, write)
+        found = self._checked.get(key)
+        if found is None:
             try:
-                parent, _ = self.directory(parts[:-1])
-                found = self.namespace.find(self.txn, parent, parts[-1])
-                ino = _Refused(errno.ENOENT) if found is None else found[0]
+                found = self._directory(parts, write)
             except _Refused as exc:
-                ino = exc
-            self._dirs[parts] = ino
-        if isinstance(ino, _Refused):
-            raise ino
+                found = exc
+            self._checked[key] = found
+        if isinstance(found, _Refused):
+            raise found
+        return found
+
+    def _directory(self, parts: tuple, write: bool) -> tuple[int, M.Inode]:
+        if parts:
+            parent, _ = self.directory(parts[:-1])
+            found = self.namespace.find(self.txn, parent, parts[-1])
+            if found is None:
+                raise _Refused(errno.ENOENT)
+            ino = found[0]
+        else:
+            ino = M.ROOT_INO
         inode = self.meta.get_inode(self.txn, ino)
         if inode is None:
             raise _Refused(errno.ENOENT)
@@ -391,8 +402,16 @@ class Direct(Layer):
                 results[i] = -exc.errno
         self._prepare(caller, todo, parents)
         live = [s for s in todo if not s.error]
-        futures = [(s, self._pool.submit(self._store_block, s, idx))
-                   for s in live for idx in range(-(-len(s.data) // self.block_size))]
+        # Blocks go to the threads; small files are stored here, one after another (a thread
+        # hop and the lock's hand-over would cost more than hashing and writing them).
+        futures = [(s, self._pool.submit(self._store_block, s, idx)) for s in live if len(s.data) > INLINE_BYTES
+                   for idx in range(-(-len(s.data) // self.block_size))]
+        for s in live:
+            if len(s.data) <= INLINE_BYTES:
+                try:
+                    self._store_block(s, 0)
+                except KvfsError as exc:
+                    s.error = exc.errno
         for s, fut in futures:
             try:
                 fut.result()
@@ -513,6 +532,7 @@ class Direct(Layer):
         t = now_ns()
         dirs = {}
         with self.meta.begin(write=True) as txn:
+            quotas = self.meta.has_quotas(txn)
             for s in live:
                 try:
                     pdir = dirs.get(s.parent) or self.namespace.get_dir(txn, s.parent)
@@ -530,7 +550,8 @@ class Direct(Layer):
                     self.namespace.drop_link(txn, old, t, effects)
                 inode = self.namespace.new_inode(txn, stat.S_IFREG | s.mode, caller.uid, caller.gid, pdir)
                 self.namespace.add_entry(txn, s.parent, name, inode.ino, entry_id)
-                self.meta.put_inode(txn, inode)  # size 0 first: the size is then counted in quotas
+                if quotas:
+                    self.meta.put_inode(txn, inode)  # size 0 first: the size is then counted in quotas
                 self.meta.put_lineage(txn, inode.ino, M.Lineage(t, caller.uid, caller.gid, caller.pid, 0, b"direct"))
                 for idx, p in sorted(s.of.changes.items()):
                     if p is None:

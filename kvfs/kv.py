@@ -101,6 +101,7 @@ class KVStore:
         self._lookup_file = _find_lookup_file(self.root)
         self._client = None
         self._staging = None
+        self._outputs: list = []
         if self.direct:
             from .direct_client import connect
 
@@ -110,8 +111,36 @@ class KVStore:
     def uses_direct_path(self) -> bool:
         return self._client is not None
 
+    def empty(self, shape, dtype) -> np.ndarray:
+        """An array in memory shared with the daemon, for load(out=...) (direct path)."""
+        if self._client is None:
+            raise ValueError("empty() needs the direct path (this store uses file I/O)")
+        dtype = np.dtype(dtype)
+        buf = self._new_buffer(max(1, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize))
+        return np.ndarray(tuple(shape), dtype=dtype, buffer=buf.mm)
+
+    KEPT_OUTPUTS = 8  # result buffers kept registered for load(out=...); older ones are let go
+
+    def _new_buffer(self, size: int):
+        buf = self._client.buffer(size)
+        self._outputs.append(buf)
+        while len(self._outputs) > self.KEPT_OUTPUTS:
+            self._outputs.pop(0).close()  # (its arrays stay valid; they just cannot be out= any more)
+        return buf
+
+    def _buffer_of(self, arr: np.ndarray):
+        lo = arr.ctypes.data
+        for buf in self._outputs:
+            start = _address(buf)
+            if start <= lo and lo + arr.nbytes <= start + buf.size:
+                return buf
+        return None
+
     def close(self) -> None:
         """Let go of the direct path's connection and shared memory (also done at exit)."""
+        for buf in getattr(self, "_outputs", []):
+            buf.close()
+        self._outputs = []
         if self._staging is not None:
             self._staging.close()
             self._staging = None
@@ -249,13 +278,20 @@ class KVStore:
                 break
         return out
 
-    def load(self, tokens, framework: str = "np", device: str | None = None):
+    def load(self, tokens, framework: str = "np", device: str | None = None, out=None):
         """(cached token count, kv shaped (layers, 2, tokens, ...)) for the longest cached
         prefix; kv is None when nothing is cached. framework "pt" gives a torch tensor;
-        device (e.g. "cuda") puts it there (torch), copied in as the chunks arrive."""
+        device (e.g. "cuda") puts it there (torch), copied in as the chunks arrive.
+
+        On the direct path the result lives in memory shared with the daemon, which reads
+        into it directly. Fresh memory costs the kernel a page allocation per 4 KiB (about
+        as much as the read): a caller loading again passes `out`, an array from empty() or
+        an earlier load, and the bytes land there (out[:, :, :tokens])."""
+        if out is not None and self._client is None:
+            raise ValueError("out= needs the direct path (this store uses file I/O)")
         if self._client is not None:
             try:
-                got = self._load_direct(tokens, framework, device)
+                got = self._load_direct(tokens, framework, device, out)
                 if got is not None:
                     return got
             except OSError as exc:
@@ -272,12 +308,12 @@ class KVStore:
             return n, out.to(device) if device is not None else out
         return n, kv
 
-    def _load_direct(self, tokens, framework: str, device: str | None):
+    def _load_direct(self, tokens, framework: str, device: str | None, out=None):
         """load() on the direct path: the chunks' first blocks (their headers) into staging
         memory, then every tensor's bytes straight into the result, which lives in memory
         shared with the daemon. None if a chunk's layout is not what this reads (file I/O
         then)."""
-        return _DirectLoad(self, self._client).run(tokens, framework, device)
+        return _DirectLoad(self, self._client).run(tokens, framework, device, out)
 
 
 @dataclass
@@ -432,7 +468,7 @@ class _DirectLoad:
         self.client = client
         self.bs = client.block_size
 
-    def run(self, tokens, framework: str, device: str | None):
+    def run(self, tokens, framework: str, device: str | None, into: np.ndarray | None = None):
         st, c, bs = self.store, self.client, self.bs
         chain = st.chain(tokens)
         if not chain:
@@ -466,9 +502,19 @@ class _DirectLoad:
             if out is None:
                 layers, dtype, rest, st_dtype = shape
                 total = n * ct
-                row = int(np.prod(rest, dtype=np.int64)) * dtype.itemsize
-                outbuf = c.buffer(max(1, layers * 2 * total * row))
-                out = np.ndarray((layers, 2, total, *rest), dtype=dtype, buffer=outbuf.mm)
+                if into is not None:
+                    if into.shape[:2] != (layers, 2) or into.shape[3:] != rest or into.dtype != dtype \
+                            or into.shape[2] < total:
+                        raise ValueError(f"out is shaped {into.shape} ({into.dtype}); this context needs "
+                                         f"{(layers, 2, total, *rest)} ({dtype})")
+                    out, outbuf = into[:, :, :total], st._buffer_of(into)
+                    if outbuf is None or not into.flags.c_contiguous:
+                        raise ValueError("out must be a whole array from KVStore.empty() or an earlier load")
+                else:
+                    row = int(np.prod(rest, dtype=np.int64)) * dtype.itemsize
+                    outbuf = st._new_buffer(max(1, layers * 2 * total * row))
+                    out = np.ndarray((layers, 2, total, *rest), dtype=dtype, buffer=outbuf.mm)
+                origin = _address(outbuf)
                 if device is not None:
                     gpu = _Gpu(out, device, st_dtype)
             items, owners = [], []
@@ -480,7 +526,7 @@ class _DirectLoad:
                     if split > start:
                         flat[:split - start] = np.frombuffer(staging.mm, np.uint8, split - start, k * bs + start)
                     if end > split:
-                        base = flat.ctypes.data - out.ctypes.data
+                        base = flat.ctypes.data - origin
                         items.append((paths[i], split, end - split, outbuf, base + split - start))
                         owners.append(i)
             if items:
@@ -491,13 +537,16 @@ class _DirectLoad:
             if gpu is not None:
                 gpu.copy(w0 * ct, min(n, window.stop) * ct)
             w0 = window.stop
-        outbuf.close()  # the daemon lets go; the array keeps the memory
         kv = out if n * ct == out.shape[2] else out[:, :, :n * ct]
         if gpu is not None:
             return n * ct, gpu.finish(n * ct)
         if framework == "pt":
             return n * ct, _torch(kv, shape[3])
         return n * ct, kv  # (BF16: its raw 16-bit words, which numpy cannot hold as bf16)
+
+
+def _address(buf) -> int:
+    return np.frombuffer(buf.mm, np.uint8, 1).ctypes.data
 
 
 def _torch(arr: np.ndarray, st_dtype: str):

@@ -453,7 +453,11 @@ class DeviceSet:
             self._deferred.append((self._generation, ckpt, dev, offset, round_up(length)))
             self.deferred_bytes += round_up(length)
             self._generation += 1
-            self._reclaim_locked()
+            if not durable:
+                # Only this extent can have become free: a recorded free waits for a
+                # checkpoint (checkpointed) and every free for older readers (read_end),
+                # which reclaim then. (Scanning here made many frees quadratic.)
+                self._reclaim_locked()
 
     def read_begin(self) -> int:
         with self._lock:

@@ -337,7 +337,7 @@ def test_bench_runs_every_workload_and_reports_ratios():
         assert word in names, word
     for r in rows:
         assert r["raw"] and r["kvfs"] and r["ratio"] > 0, r
-    assert report["machine"]["cpus"] == os.cpu_count() and len(WORKLOADS) == 6
+    assert report["machine"]["cpus"] == os.cpu_count() and len(WORKLOADS) == 7
     assert "| workload |" in run_kvfs("bench", "--scale", "quick", "--only", "space", "--markdown").stdout
 
 

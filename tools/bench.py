@@ -351,18 +351,25 @@ class Bench:
         st = os.statvfs(self.mount)
         return (st.f_blocks - st.f_bfree) * st.f_frsize
 
+    def direct_path(self) -> None:
+        """The direct path against the device file it reads (tools.bench_direct)."""
+        from . import bench_direct
+
+        bench_direct.run(self, drop_caches, Row)
+
     def run(self, workloads: list[str]) -> list[Row]:
         steps = {
             "seq": lambda: (self.files(2 * MiB, False), self.files(32 * MiB, False)),
             "direct": lambda: (self.files(2 * MiB, True), self.files(32 * MiB, True)),
             "vllm": self.vllm, "meta": self.metadata, "parallel": self.parallel, "space": self.space,
+            "direct-path": self.direct_path,
         }
         for w in workloads:
             steps[w]()
         return self.rows
 
 
-WORKLOADS = ("seq", "direct", "vllm", "meta", "parallel", "space")
+WORKLOADS = ("seq", "direct", "vllm", "meta", "parallel", "space", "direct-path")
 
 
 def table(rows: list[Row]) -> str:
@@ -412,6 +419,8 @@ def run(args) -> int:
             os.makedirs(raw)
             os.makedirs(mount)
             size = max(4 * scale.total, 2 << 30) + (scale.entries * 8192 if "meta" in workloads else 0)
+            if "direct-path" in workloads:  # its files, and a Llama-3-8B context (4 GiB at 32K tokens)
+                size += 2 * scale.total + (5 << 30 if scale.total >= 512 * MiB else 512 * MiB)
             subprocess.run([*kvfs, "mkfs", os.path.join(base, "wh"), "--size", str(size)], check=True,
                            capture_output=True)
             subprocess.run([*kvfs, "mount", os.path.join(base, "wh"), mount], check=True, capture_output=True)
