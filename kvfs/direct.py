@@ -531,7 +531,7 @@ class Direct(Layer):
         db = self.meta.db
         t = now_ns()
         dirs = {}
-        with self.meta.begin(write=True) as txn:
+        with self.meta.begin(write=True) as txn, self.meta.totals_batch(txn):
             quotas = self.meta.has_quotas(txn)
             for s in live:
                 try:

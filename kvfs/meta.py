@@ -76,6 +76,7 @@ empty block maps as zeros: it must refuse the warehouse). FORMAT_READABLE lists 
 code opens; sub-databases it lacks are created at the first read-write open.
 """
 
+import contextlib
 import json
 import os
 import stat
@@ -471,6 +472,7 @@ class Meta:
     """The LMDB environment of a warehouse and its named sub-databases."""
 
     def __init__(self, path: str, readonly: bool = False):
+        self._batches: dict[int, dict] = {}  # id(write txn) -> totals adding up (totals_batch)
         self.env = lmdb.open(
             path,
             map_size=MAP_SIZE,
@@ -571,8 +573,25 @@ class Meta:
             for parent, _ in self.names_of(txn, inode.ino):
                 self._quota_add(txn, self.quota_roots(txn, parent), inode.size - old.size)
 
+    @contextlib.contextmanager
+    def totals_batch(self, txn):
+        """Within it, changes to the totals of write transaction `txn` add up in memory and
+        are written once at its end (a batch of thousands of files: one write, not two
+        each). Nothing in it may read the totals."""
+        batch = self._batches[id(txn)] = {}
+        try:
+            yield
+        finally:
+            del self._batches[id(txn)]
+        self._add_totals(txn, **batch)
+
     def _add_totals(self, txn, **delta) -> None:
         if not any(delta.values()):
+            return
+        batch = self._batches.get(id(txn)) if self._batches else None
+        if batch is not None:
+            for name, d in delta.items():
+                batch[name] = batch.get(name, 0) + d
             return
         t = Totals.unpack(txn.get(TOTALS_KEY, db=self.db["totals"]))
         for name, d in delta.items():
