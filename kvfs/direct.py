@@ -400,7 +400,9 @@ class Direct(Layer):
                 todo.append(_Store(i, _Paths.split(path), data, mode))
             except _Refused as exc:
                 results[i] = -exc.errno
-        self._prepare(caller, todo, parents)
+        # Directories made on the way: the kernel may hold a cached miss of their names
+        # (a client probing for .kvfs/direct from inside them, say); drop it.
+        self.core.notify_removed(self._prepare(caller, todo, parents))
         live = [s for s in todo if not s.error]
         # Blocks go to the threads; small files are stored here, one after another (a thread
         # hop and the lock's hand-over would cost more than hashing and writing them).
@@ -427,12 +429,13 @@ class Direct(Layer):
             self.checkpoint()
         return results
 
-    def _prepare(self, caller: Caller, todo: list, parents: bool) -> None:
+    def _prepare(self, caller: Caller, todo: list, parents: bool) -> list:
         """Check where each file goes (making missing directories if asked) and count it
-        against the quotas above it."""
+        against the quotas above it. Returns the (parent, name, 0) of directories made."""
+        made: list = []
         with self.core.lock:
             if parents:
-                self._make_parents(caller, {s.parts[:-1] for s in todo})
+                made = self._make_parents(caller, {s.parts[:-1] for s in todo})
             with self.meta.begin() as txn:
                 resolver = _Paths(self.namespace, txn, caller)
                 for s in todo:
@@ -450,9 +453,12 @@ class Direct(Layer):
                         self.policy.charge(s.of, len(s.data))
                     except KvfsError as exc:
                         s.error = exc.errno
+        return made
 
-    def _make_parents(self, caller: Caller, dirs: set) -> None:
-        """Make the missing directories of `dirs` (and above), as mkdir -p by the caller."""
+    def _make_parents(self, caller: Caller, dirs: set) -> list:
+        """Make the missing directories of `dirs` (and above), as mkdir -p by the caller.
+        Returns the (parent, name, 0) of each directory made."""
+        made = []
         for parts in sorted(dirs, key=len):
             for n in range(1, len(parts) + 1):
                 with self.meta.begin() as txn:
@@ -472,8 +478,8 @@ class Direct(Layer):
                     self.namespace.mkdir(parent, parts[n - 1], 0o755, caller.uid, caller.gid, caller.pid)
                 except KvfsError:
                     break  # its files report why
-                # The kernel may hold a negative entry for the name (a lookup that missed).
-                self.core.notify_removed([(parent, parts[n - 1], 0)])
+                made.append((parent, parts[n - 1], 0))
+        return made
 
     def _check_replace(self, txn, caller: Caller, parent: int, pdir: M.Inode, name: bytes) -> M.Inode | None:
         """What a store into parent/name replaces; refused where rename(2) would be."""

@@ -32,6 +32,12 @@ COUNTERS = {
     "healed_blocks": ("kvfs_healed_blocks", "Quarantined blocks replaced by a new write of the same content."),
     "device_errors": ("kvfs_device_errors", "Device reads, writes and syncs that failed (EIO, ENOSPC, ...)."),
     "quota_refusals": ("kvfs_quota_refusals", "Writes refused with EDQUOT."),
+    # The direct path (kvfs.direct, kvfs-direct(7)): batched requests over a Unix socket.
+    "direct_lookups": ("kvfs_direct_lookups", "Paths looked up through the direct path."),
+    "direct_reads": ("kvfs_direct_reads", "File ranges the direct path was asked to read (items of read requests)."),
+    "direct_read_bytes": ("kvfs_direct_read_bytes", "Bytes read through the direct path into clients' memory."),
+    "direct_stores": ("kvfs_direct_stores", "Files the direct path was asked to store (items of write requests)."),
+    "direct_write_bytes": ("kvfs_direct_written_bytes", "Bytes of the files stored through the direct path."),
 }
 # Only for a warehouse with a shared tier (Warehouse.stats()["shared"]).
 SHARED_COUNTERS = {f"shared_{k}": (f"kvfs_shared_{k}", doc) for k, doc in SHARED.items()}

@@ -298,6 +298,41 @@ def test_man_pages_cover_every_command_and_option():
             assert f".SH {section}" in text, f"kvfs-{page}.8 has no {section}"
 
 
+def test_the_direct_path_page_covers_its_protocol():
+    """kvfs-direct(7) names every operation the daemon serves, every limit with its value,
+    and the sections a reader looks for; the mount's page has the option and every file of
+    the control directory; kvfs(1) points at the page."""
+    import re
+    from pathlib import Path
+
+    from kvfs import control, direct, direct_server
+    from kvfs.fs import VIRTUAL_NAMES
+
+    man = Path(__file__).resolve().parent.parent / "man"
+    text = (man / "kvfs-direct.7").read_text().replace("\\-", "-").replace("\\(dq", '"')
+    ops = sorted(n[4:] for n in vars(direct_server.DirectServer) if n.startswith("_op_"))
+    assert {"hello", "buffer", "lookup", "read", "write"} <= set(ops)  # the scan finds them
+    for op in ops:
+        assert f'"op": "{op}"' in text, op
+    limits = {"MAX_REQUEST": "256 MiB", "MAX_ITEMS": f"{direct.MAX_ITEMS}", "MAX_BUFFERS": f"{direct_server.MAX_BUFFERS} buffers",
+              "MAX_PEERS": f"{direct_server.MAX_PEERS} connections"}
+    assert direct_server.MAX_REQUEST == 256 << 20
+    for name, value in limits.items():
+        assert re.search(rf"^\.B {name}\n{value}", text, re.M), name
+    for section in ("NAME", "SYNOPSIS", "DESCRIPTION", "OPERATIONS", "BUFFERS", "PERMISSIONS", "ERRORS",
+                    "STORES", "LIMITS", "FALLBACK", "EXAMPLES", "FILES", "SEE ALSO"):
+        assert f".SH {section}" in text, section
+    for err in ("EACCES", "ENOENT", "EISDIR", "EFAULT", "EINVAL", "ENAMETOOLONG", "EROFS", "ENOSPC", "EDQUOT",
+                "EIO", "EPERM", "EMSGSIZE", "EMFILE"):
+        assert f".B {err}" in text, err
+    mount = (man / "kvfs-mount.8").read_text().replace("\\-", "-")
+    assert ".BR direct= { on | off }" in mount and "kvfs-direct (7)" in mount
+    section = mount.split(".SH CONTROL DIRECTORY", 1)[1].split("\n.SH ", 1)[0]
+    for name in VIRTUAL_NAMES:
+        assert f".I {control.CONTROL_DIR}/{name.decode()}\n" in section, name
+    assert ".BR kvfs-direct (7)" in (man / "kvfs.1").read_text().replace("\\-", "-")
+
+
 def test_each_tool_runs_on_its_own_in_process(tmp_path, capsys):
     """Every subcommand is a module of kvfs.tools with main(argv=None) -> int, callable
     without the dispatcher, with the same messages and exit codes."""

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import run_kvfs
-from kvfs import meta as M
+from kvfs import direct_client, meta as M
 from kvfs.errors import EXIT_FSCK_ERRORS, EXIT_MOUNT_FAILED, EXIT_PERMISSION, EXIT_USAGE
 from kvfs.warehouse import Warehouse
 
@@ -239,6 +239,44 @@ def test_prometheus_metrics_parse_and_match_stats(make_mount):
         res = run_kvfs("mount", m.warehouse, other, "--metrics-port", str(port), check=False)
         assert res.returncode == EXIT_MOUNT_FAILED and "metrics" in res.stderr, res.stderr
     os.rmdir(other)
+
+
+def test_direct_path_is_counted_in_metrics_and_stat(make_mount):
+    """Lookups, reads and stores through the direct path (kvfs-direct(7)) show in
+    .kvfs/metrics, with their help text, and as the "direct" line of kvfs stat, which a
+    warehouse that never used the direct path does not print."""
+    m = make_mount()
+    assert not re.search(r"^direct ", run_kvfs("stat", m.path).stdout, re.M)
+    data = os.urandom(3 * MiB + 5)
+    # Found from inside d, which is not there yet: the kernel caches that miss, and the
+    # store that makes d (parents) must drop it, or d/a could not be opened below.
+    client = direct_client.connect(m.p("d"))
+    assert client is not None, "the mount does not serve the direct path"
+    try:
+        buf = client.buffer(4 * MiB)
+        buf.mm[:len(data)] = data
+        assert client.write([("d/a", buf, 0, len(data), 0o644), (m.p("d", "b"), buf, 0, MiB, 0o600)]) == [0, 0]
+        assert client.lookup(["d/a", "d/nope"]) == [len(data), -errno.ENOENT]
+        buf.mm[:len(data)] = bytes(len(data))
+        assert client.read([("d/a", 0, 4 * MiB, buf, 0)]) == [len(data)]
+        assert buf.mm[:len(data)] == data
+        buf.close()
+    finally:
+        client.close()
+    with open(m.p("d", "a"), "rb") as f:
+        assert f.read() == data  # the same file through the mount
+    families = {f.name: f for f in text_string_to_metric_families(open(m.p(".kvfs", "metrics")).read())}
+    expect = {"kvfs_direct_lookups": 2, "kvfs_direct_reads": 1, "kvfs_direct_read_bytes": len(data),
+              "kvfs_direct_stores": 2, "kvfs_direct_written_bytes": len(data) + MiB}
+    for name, value in expect.items():
+        fam = families[name]
+        assert fam.type == "counter" and "direct path" in fam.documentation, (name, fam.documentation)
+        assert fam.samples[0].value == value, (name, fam.samples)
+    line = "direct     1 read (3.0 MiB), 2 stores (4.0 MiB), 2 lookups"
+    human = run_kvfs("stat", m.path).stdout
+    assert re.search(f"^{re.escape(line)}$", human, re.M), human
+    m.umount()
+    assert re.search(f"^{re.escape(line)}$", run_kvfs("stat", m.warehouse).stdout, re.M)  # kept over remounts
 
 
 def test_fsck_finds_and_repairs_planted_metadata_damage(make_mount):

@@ -44,6 +44,10 @@ def run(args) -> int:
     print(f"removed    evicted {plural(c.get('evicted_files', 0), 'file')} ({human(c.get('evicted_bytes', 0))}), "
           f"expired {c.get('expired_files', 0):,} ({human(c.get('expired_bytes', 0))}), "
           f"retired {c.get('retired_files', 0):,} ({human(c.get('retired_bytes', 0))})")
+    if any(c.get(k) for k in ("direct_reads", "direct_stores", "direct_lookups")):
+        print(f"direct     {plural(c.get('direct_reads', 0), 'read')} ({human(c.get('direct_read_bytes', 0))}), "
+              f"{plural(c.get('direct_stores', 0), 'store')} ({human(c.get('direct_write_bytes', 0))}), "
+              f"{plural(c.get('direct_lookups', 0), 'lookup')}")
     if c.get("corrupt_blocks") or st.get("quarantined_blocks"):
         print(f"DAMAGE     {plural(c.get('corrupt_blocks', 0), 'block')} failed verification, "
               f"{plural(c.get('quarantined_files', 0), 'file')} holding them dropped, "
