@@ -141,7 +141,14 @@ class DirectServer:
     def __init__(self, wh, only_uid: int | None = None, runtime_dir: str | None = None):
         self.wh = wh
         self.only_uid = only_uid
-        self.dir = tempfile.mkdtemp(prefix="kvfs-direct-", dir=runtime_dir)
+        # Named by the warehouse: one left by a daemon that was killed is this warehouse's
+        # (its lock is ours now) and goes.
+        prefix = f"kvfs-direct-{wh.sb['uuid'][:8]}-"
+        base = runtime_dir or tempfile.gettempdir()
+        for name in os.listdir(base):
+            if name.startswith(prefix):
+                shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+        self.dir = tempfile.mkdtemp(prefix=prefix, dir=base)
         os.chmod(self.dir, 0o711)  # others may reach the socket, not list the directory
         self.path = os.path.join(self.dir, "socket")
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

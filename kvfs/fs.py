@@ -301,6 +301,8 @@ class Operations(pyfuse3.Operations):
         ino = self._dirs[fh]
         if ino == CTL_DIR_INO:
             for off, (name, vino) in enumerate(VIRTUAL_NAMES.items(), 1):
+                if vino == DIRECT_INO and self.direct_info is None:
+                    continue  # not served: not there
                 if off > start_id and not pyfuse3.readdir_reply(token, name, self._virtual_entry(vino), off):
                     return
             return

@@ -489,7 +489,7 @@ def _control_checks(m):
     write(m.p("f"), b"x")
     os.mkdir(m.p("d"))
     assert sorted(os.listdir(m.path)) == ["d", "f"]
-    assert sorted(os.listdir(m.p(".kvfs"))) == ["control", "lookup", "metrics", "stats.json"]
+    assert sorted(os.listdir(m.p(".kvfs"))) == ["control", "direct", "lookup", "metrics", "stats.json"]
     assert os.stat(m.p(".kvfs", "control")).st_mode & 0o777 == 0o600
     fd = os.open(m.p(".kvfs", "control"), os.O_RDWR)
     os.write(fd, b"this is not json")

@@ -80,6 +80,8 @@ def run(args) -> int:
         raise QuietError(f"compress must be 'none' or 'zstd', not {kvfs_opts['compress']!r}", EXIT_USAGE)
     if kvfs_opts.get("durability", "fsync") not in ("fsync", "close"):
         raise QuietError(f"durability must be 'fsync' or 'close', not {kvfs_opts['durability']!r}", EXIT_USAGE)
+    if kvfs_opts.get("direct", "on") not in ("on", "off"):
+        raise QuietError(f"direct must be 'on' or 'off', not {kvfs_opts['direct']!r}", EXIT_USAGE)
     if not os.path.isdir(os.path.join(warehouse, META_DIR)):
         raise QuietError(f"{warehouse} is not a kvfs warehouse (run kvfs mkfs first)", EXIT_NO_WAREHOUSE)
     existing = m.find_mount(mountpoint, resolve=False)
