@@ -215,3 +215,60 @@ def test_training_loop_reads_every_chunk_of_a_model_on_a_read_only_mount(make_mo
     assert len(list(walk)) == 50 - 1 - 7 and len(skipped) == 7
     assert isinstance(open_chunk(first.path).k(0), np.memmap)
     run_kvfs("stat", m.path)
+
+
+def _files_of(store):
+    return sorted(os.path.join(d, f) for d, _, fs in os.walk(store.dir) for f in fs)
+
+
+def test_the_direct_path_and_file_io_store_and_load_the_same_bytes(make_mount, tmp_path):
+    """On a mount that serves it kvfs.kv takes the direct path by itself; elsewhere (a
+    plain directory, a mount with -o direct=off) the same calls use file I/O. Either way the
+    chunk files are the same bytes, safetensors files any reader opens, and a load gives
+    what was stored."""
+    from safetensors.numpy import load_file
+
+    on, off = make_mount("on"), make_mount("off", options=["direct=off"])
+    tokens = np.random.default_rng(3).integers(0, 50_000, size=200)
+    kv = kv_for(tokens, layers=3, heads=2, dim=64)
+    stores = [KVStore(on.p("kv"), "m", chunk_tokens=32), KVStore(off.p("kv"), "m", chunk_tokens=32),
+              KVStore(str(tmp_path / "plain"), "m", chunk_tokens=32),
+              KVStore(on.p("kv2"), "m", chunk_tokens=32, direct=False)]
+    assert [s.uses_direct_path for s in stores] == [True, False, False, False]
+    for s in stores:
+        assert len(s.store(tokens, kv)) == 6 and s.lookup(tokens) == 192
+    contents = [[open(f, "rb").read() for f in _files_of(s)] for s in stores]
+    assert len(contents[0]) == 6 and all(c == contents[0] for c in contents)
+    first = load_file(_files_of(stores[0])[0])
+    assert first["layer.2.v"].shape == (32, 2, 64)
+    for s in stores:
+        n, got = s.load(tokens)
+        assert n == 192 and got.shape == (3, 2, 192, 2, 64) and np.array_equal(got, kv[:, :, :192])
+    st = json.load(open(on.p(".kvfs", "stats.json")))["counters"]
+    assert st["direct_stores"] >= 6 and st["direct_read_bytes"] > kv[:, :, :192].nbytes
+    assert json.load(open(off.p(".kvfs", "stats.json")))["counters"].get("direct_reads", 0) == 0
+
+
+def test_a_direct_load_lands_in_the_callers_array_and_keeps_bf16(mnt):
+    """load(out=...) reads into an array the caller keeps (from empty() or an earlier load)
+    with no copy after the daemon's read; a torch bfloat16 KV goes in and comes out as
+    bfloat16, bit for bit; a prefix shorter than `out` fills its start."""
+    import torch
+
+    s = KVStore(mnt.p("kv"), "bf", chunk_tokens=16)
+    tokens = np.arange(64) + 5
+    kv = torch.randn(2, 2, 64, 4, 8).to(torch.bfloat16)
+    s.store(tokens, kv)
+    n, got = s.load(tokens, framework="pt")
+    assert n == 64 and got.dtype == torch.bfloat16 and torch.equal(got, kv)
+    out = s.empty((2, 2, 64, 4, 8), np.uint16)
+    out[:] = 7
+    n, again = s.load(tokens[:40], out=out)  # two whole chunks
+    assert n == 32 and np.shares_memory(again, out)
+    assert np.array_equal(out[:, :, :32], kv[:, :, :32].view(torch.int16).numpy().view(np.uint16))
+    assert (out[:, :, 32:] == 7).all()
+    with pytest.raises(ValueError):
+        s.load(tokens, out=np.zeros((2, 2, 64, 4, 8), np.uint16))  # not shared memory
+    with pytest.raises(ValueError):
+        s.load(tokens, out=s.empty((2, 2, 64, 4, 4), np.uint16))  # the wrong shape
+    s.close()
