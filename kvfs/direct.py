@@ -44,6 +44,7 @@ log = logging.getLogger("kvfs.direct")
 
 DIRECT_THREADS = 8  # device reads and block stores of direct requests in flight at once
 MAX_ITEMS = 1 << 20  # files or ranges in one request
+MAX_TIER_ROUNDS = 16  # lookups in the shared tier: a path installs one component a round
 INLINE_BYTES = 64 << 10  # files up to this size are stored by the request's thread itself
 
 R_OK, W_OK, X_OK = 4, 2, 1
@@ -76,10 +77,12 @@ class Caller:
 
 
 class _Refused(Exception):
-    """One file of a batch fails with `errno`; the others go on."""
+    """One file of a batch fails with `errno`; the others go on. missing: for ENOENT, the
+    (directory ino, name) that was not there (the shared tier may have it)."""
 
-    def __init__(self, err: int):
+    def __init__(self, err: int, missing: tuple | None = None):
         self.errno = err
+        self.missing = missing
 
 
 class _Paths:
@@ -129,7 +132,7 @@ class _Paths:
             parent, _ = self.directory(parts[:-1])
             found = self.namespace.find(self.txn, parent, parts[-1])
             if found is None:
-                raise _Refused(errno.ENOENT)
+                raise _Refused(errno.ENOENT, (parent, parts[-1]))
             ino = found[0]
         else:
             ino = M.ROOT_INO
@@ -147,7 +150,7 @@ class _Paths:
         parent, _ = self.directory(parts[:-1])
         found = self.namespace.find(self.txn, parent, parts[-1])
         if found is None:
-            raise _Refused(errno.ENOENT)
+            raise _Refused(errno.ENOENT, (parent, parts[-1]))
         inode = self.meta.get_inode(self.txn, found[0])
         if inode is None:
             raise _Refused(errno.ENOENT)
@@ -199,6 +202,18 @@ class Direct(Layer):
         """The size of each path's regular file, or -errno (ENOENT, EACCES, EISDIR, ...):
         what a stat() by the caller through the mount would find. One transaction."""
         _check_count(paths)
+        for _ in range(MAX_TIER_ROUNDS):
+            misses: set = set()
+            out = self._lookup(caller, paths, misses)
+            if not self._ask_tier(misses):
+                break
+        hits = sum(1 for n in out if n >= 0)
+        self.counters["lookup_hit"] += hits
+        self.counters["lookup_miss"] += len(out) - hits
+        self.counters["direct_lookups"] += len(out)
+        return out
+
+    def _lookup(self, caller: Caller, paths: list, misses: set) -> list[int]:
         out = []
         with self.core.lock, self.meta.begin() as txn:
             resolver = _Paths(self.namespace, txn, caller)
@@ -207,14 +222,21 @@ class Direct(Layer):
                     inode = resolver.file(resolver.split(path), 0)
                 except _Refused as exc:
                     out.append(-exc.errno)
+                    if exc.missing is not None:
+                        misses.add(exc.missing)
                     continue
                 of = self.files.open_files.get(inode.ino)
                 out.append(of.size if of is not None else inode.size)
-        hits = sum(1 for n in out if n >= 0)
-        self.counters["lookup_hit"] += hits
-        self.counters["lookup_miss"] += len(out) - hits
-        self.counters["direct_lookups"] += len(out)
         return out
+
+    def _ask_tier(self, misses: set) -> bool:
+        """Ask the shared tier (if the mount has one) for names that were missing, as a
+        lookup through the mount does; True if it installed any (resolve again: a path
+        installs one component a round)."""
+        tier = self.sharing.shared
+        if tier is None or not misses:
+            return False
+        return any(self._pool.map(lambda m: tier.lookup(*m)[0] is not None, misses))
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -225,8 +247,13 @@ class Direct(Layer):
         read, or for an item that failed, is unspecified."""
         _check_count(items)
         results = [0] * len(items)
-        for _ in range(3):  # a file of the shared tier is fetched, then planned again
-            plan = self._plan_read(caller, items, results)
+        for _ in range(MAX_TIER_ROUNDS):  # what the shared tier has is installed, then planned again
+            misses: set = set()
+            plan = self._plan_read(caller, items, results, misses)
+            if isinstance(plan, set):
+                if self._ask_tier(plan):
+                    continue
+                plan = self._plan_read(caller, items, results, None)
             if not isinstance(plan, list):
                 break
             for ino in plan:
@@ -261,11 +288,12 @@ class Direct(Layer):
                 self.counters["direct_read_bytes"] += r
         return results
 
-    def _plan_read(self, caller: Caller, items: list, results: list):
+    def _plan_read(self, caller: Caller, items: list, results: list, misses: set | None):
         """Resolve a read batch under the lock: fill what the daemon holds in memory (holes,
         unpublished buffers) at once, and return (read registration or None, {block loc:
         [(item, lo, hi, dest)]}, item -> ino) for the blocks to read; or, if files of the
-        batch are still in the shared tier, the list of their inodes."""
+        batch are still in the shared tier, the list of their inodes; or, if names were
+        missing and the mount has a shared tier (misses not None), the set of them."""
         bs = self.block_size
         blocks: dict[tuple, list] = {}
         inos: dict[int, int] = {}
@@ -280,6 +308,8 @@ class Direct(Layer):
                     inode = resolver.file(resolver.split(path), R_OK)
                 except _Refused as exc:
                     results[i] = -exc.errno
+                    if exc.missing is not None and misses is not None:
+                        misses.add(exc.missing)
                     continue
                 ino = inode.ino
                 if self.sharing.remote_pending(ino):
@@ -289,8 +319,6 @@ class Direct(Layer):
                 end = min(offset + length, of.size if of is not None else inode.size)
                 results[i] = n = max(0, end - offset)
                 inos[i] = ino
-                self.core.accessed[ino] = t
-                self.core.opens[ino] += 1
                 resolve = functools.partial(self.files.resolve, txn, of, ino)
                 for idx in range(offset // bs, (end - 1) // bs + 1) if n else ():
                     base = idx * bs
@@ -305,8 +333,13 @@ class Direct(Layer):
                         out[len(chunk):] = bytes(hi - lo - len(chunk))
                     else:
                         out[:] = bytes(hi - lo)
+            if misses and self.sharing.shared is not None:
+                return misses
             if remote:
                 return remote
+            for ino in inos.values():
+                self.core.accessed[ino] = t
+                self.core.opens[ino] += 1
             self.counters["direct_reads"] += len(items)
             return (self.devices.read_begin() if blocks else None), blocks, inos
 

@@ -490,3 +490,38 @@ def test_retire_shared_and_local_unlink(nodes, seaweed):
     assert read(b.p("model-v1", "sub", "c1"))  # ... but keeps its local copy
     res = run_kvfs("retire", "--shared", a.p("other"))  # a path only in the store
     assert "1 manifests deleted" in res.stdout
+
+
+def test_files_stored_on_the_direct_path_are_shared_and_read_back_directly(nodes):
+    """A direct store queues its files for the shared tier like any other write; on node B
+    a direct lookup finds what only the tier holds, and a direct read fetches it first,
+    then answers its bytes."""
+    from kvfs.direct_client import connect
+
+    a, b = nodes("a"), nodes("b")
+    files = {"kv/m/00/c0.kv": os.urandom(2 * MiB + 77), "kv/m/01/c1.kv": os.urandom(5000),
+             "kv/n/02/c2.kv": os.urandom(MiB + 5)}
+    ca = connect(a.path)
+    buf = ca.buffer(6 * MiB)
+    items, off = [], 0
+    for path, data in files.items():
+        buf.mm[off:off + len(data)] = data
+        items.append((path, buf, off, len(data), 0o644))
+        off += len(data)
+    assert ca.write(items) == [0, 0, 0]
+    st = drained(a)
+    assert st["uploaded_files"] >= 3, st
+    cb = connect(b.path)
+    into = cb.buffer(9 * MiB)
+    # Looked up (one component a round) and installed from the tier, as a lookup through
+    # the mount would; a name the tier does not have either is still a miss.
+    looked = list(files)[:2]
+    assert cb.lookup(looked + ["kv/m/00/none.kv"]) == [len(files[p]) for p in looked] + [-errno.ENOENT]
+    assert shared(b)["fetched_files"] == 0  # (looked up, not fetched yet)
+    got = cb.read([(path, 0, len(data), into, i * 3 * MiB) for i, (path, data) in enumerate(files.items())])
+    assert got == [len(d) for d in files.values()]
+    for i, data in enumerate(files.values()):
+        assert bytes(into.mm[i * 3 * MiB:i * 3 * MiB + len(data)]) == data
+    assert shared(b)["fetched_files"] == 3  # (the third was looked up by the read itself)
+    ca.close()
+    cb.close()
