@@ -27,9 +27,12 @@ What holds here as on the mount:
 """
 
 import concurrent.futures
+import ctypes
 import errno
 import functools
 import logging
+import mmap
+import os
 import stat
 from dataclasses import dataclass, field
 
@@ -46,6 +49,11 @@ DIRECT_THREADS = 8  # device reads and block stores of direct requests in flight
 MAX_ITEMS = 1 << 20  # files or ranges in one request
 MAX_TIER_ROUNDS = 16  # lookups in the shared tier: a path installs one component a round
 INLINE_BYTES = 64 << 10  # files up to this size are stored by the request's thread itself
+# Direct reads use O_DIRECT where the block and every piece of memory it lands in are
+# ALIGN-aligned ("1"), or always the page cache ("0"); KVFS_DIRECT_ODIRECT overrides it.
+# kvfs.kv lays chunk files out so that their tensors are aligned. BENCHMARKS.md has both.
+ODIRECT = "1"
+ALIGN = 4096
 
 R_OK, W_OK, X_OK = 4, 2, 1
 
@@ -192,6 +200,8 @@ class Direct(Layer):
         self.sharing = sharing
         self.checkpoint = checkpoint
         self._pool = concurrent.futures.ThreadPoolExecutor(DIRECT_THREADS, thread_name_prefix="kvfs-direct")
+        # Device reads of the direct path bypass the page cache where aligned (see ODIRECT).
+        self.odirect = os.environ.get("KVFS_DIRECT_ODIRECT", ODIRECT) == "1"
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -382,13 +392,17 @@ class Direct(Layer):
                 extra.append(d)
                 continue
             if lo > pos:
-                pieces.append((pos, lo, memoryview(bytearray(lo - pos))))
+                pieces.append((pos, lo, _scratch(lo - pos)))
             pieces.append((lo, hi, out))
             pos = hi
         if pos < rlen:
-            pieces.append((pos, rlen, memoryview(bytearray(rlen - pos))))
+            pieces.append((pos, rlen, _scratch(rlen - pos)))
         iov = [view[:max(0, min(hi, slen) - lo)] for lo, hi, view in pieces if lo < slen]
-        self._device_read(device, iov, off, loc)
+        # O_DIRECT (no page cache, no kernel copy) where every piece is aligned as it needs.
+        odirect = self.odirect and slen % ALIGN == 0 and all(_aligned(v) for v in iov)
+        self._device_read(device, iov, off, loc, odirect)
+        if odirect:
+            self.counters["direct_unbuffered_reads"] += 1
         digest = codecs.block_hasher()
         for lo, hi, view in pieces:
             if hi > slen:  # raw blocks are stored without their trailing zeros
@@ -404,9 +418,9 @@ class Direct(Layer):
                 if a < b:
                     out[a - lo:b - lo] = view[a - plo:b - plo]
 
-    def _device_read(self, device, views: list, off: int, loc) -> None:
+    def _device_read(self, device, views: list, off: int, loc, odirect: bool = False) -> None:
         try:
-            device.preadinto(views, off)
+            device.preadinto(views, off, odirect)
         except Corrupt as exc:  # a short read
             raise Damaged(str(exc), loc) from None
         except KvfsError:
@@ -617,6 +631,15 @@ class Direct(Layer):
                 self.blocks.drop_pending(p)
         s.of.changes.clear()
         self.policy.settle_quota(s.of, 0)
+
+
+def _scratch(n: int) -> memoryview:
+    """Memory for bytes of a block nobody asked for: page-aligned (O_DIRECT may read into it)."""
+    return memoryview(mmap.mmap(-1, n)) if n >= ALIGN else memoryview(bytearray(n))
+
+
+def _aligned(view: memoryview) -> bool:
+    return len(view) % ALIGN == 0 and ctypes.addressof(ctypes.c_char.from_buffer(view)) % ALIGN == 0
 
 
 class _Failed(Exception):

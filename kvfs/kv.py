@@ -399,7 +399,11 @@ def _layout(tensors: dict, meta: dict, kv_dtype: str) -> tuple[bytes, dict, int]
         pos += n
     entries["__metadata__"] = meta
     header = json.dumps(entries, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)
+    # Padded (safetensors allows trailing spaces) to 8 bytes, or for a chunk of a MiB or
+    # more to 4 KiB: its tensors then start 4 KiB-aligned in the file, and a direct load
+    # reads them past the page cache (O_DIRECT) straight into the caller's array.
+    align = 4096 if pos >= 1 << 20 else 8
+    header += b" " * (-(8 + len(header)) % align if align > 8 else -len(header) % 8)
     head = struct.pack("<Q", len(header)) + header
     return head, offsets, len(head) + pos
 

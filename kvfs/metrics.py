@@ -38,6 +38,8 @@ COUNTERS = {
     "direct_read_bytes": ("kvfs_direct_read_bytes", "Bytes read through the direct path into clients' memory."),
     "direct_stores": ("kvfs_direct_stores", "Files the direct path was asked to store (items of write requests)."),
     "direct_write_bytes": ("kvfs_direct_written_bytes", "Bytes of the files stored through the direct path."),
+    "direct_unbuffered_reads": ("kvfs_direct_unbuffered_reads",
+                                "Blocks the direct path read past the page cache (O_DIRECT)."),
 }
 # Only for a warehouse with a shared tier (Warehouse.stats()["shared"]).
 SHARED_COUNTERS = {f"shared_{k}": (f"kvfs_shared_{k}", doc) for k, doc in SHARED.items()}

@@ -228,6 +228,8 @@ class Device:
         self._synced = 0  # of them, those a successful sync covers
         self._unsynced: dict[int, bytes] = {}  # offset -> bytes: a volatile write cache (Faults)
         self.sync_error: str | None = None  # set by a failed sync: every later one fails too
+        self.dfd: int | None = None  # opened O_DIRECT, for the direct path (_odirect_fd)
+        self._dfd_lock = threading.Lock()
 
     def pread(self, length: int, offset: int) -> bytes:
         try:
@@ -249,16 +251,21 @@ class Device:
             raise Corrupt(f"device {self.index}: short read at {offset} ({len(data)} of {length})")
         return data
 
-    def preadinto(self, views: list, offset: int) -> None:
+    def preadinto(self, views: list, offset: int, odirect: bool = False) -> None:
         """Read into `views` (memoryviews, filled in order) from `offset`: the direct path,
-        straight into a client's memory (preadv drops the GIL). Corrupt on a short read."""
+        straight into a client's memory (preadv drops the GIL). Corrupt on a short read.
+        odirect: past the page cache (offset, lengths and memory 4 KiB-aligned; not under
+        fault injection, whose volatile cache lives in memory)."""
         length = sum(len(v) for v in views)
         try:
             unsynced = None
+            fd = self.fd
             if self.faults is not None:
                 self.faults.check("read", self.index, offset, length)
                 unsynced = list(self._unsynced.items()) if self._unsynced else None
-            n = os.preadv(self.fd, views, offset) if length else 0
+            elif odirect:
+                fd = self._odirect_fd()
+            n = os.preadv(fd, views, offset) if length else 0
             if unsynced and n == length:
                 data = self._overlay(b"".join(bytes(v) for v in views), offset, unsynced)
                 pos = 0
@@ -271,6 +278,17 @@ class Device:
         self.read_bytes += n
         if n != length:
             raise Corrupt(f"device {self.index}: short read at {offset} ({n} of {length})")
+
+    def _odirect_fd(self) -> int:
+        """A second descriptor of the device, opened O_DIRECT (the plain one where the
+        filesystem under a device file refuses O_DIRECT, as tmpfs does)."""
+        with self._dfd_lock:
+            if self.dfd is None:
+                try:
+                    self.dfd = os.open(self.path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+                except OSError:
+                    self.dfd = self.fd
+            return self.dfd
 
     def _overlay(self, data: bytes, offset: int, unsynced: list) -> bytes:
         """What a read sees through the volatile write cache (writes not yet synced)."""
@@ -340,6 +358,9 @@ class Device:
             self._synced = max(self._synced, upto)
 
     def close(self) -> None:
+        if self.dfd is not None and self.dfd != self.fd:
+            os.close(self.dfd)
+        self.dfd = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -272,3 +272,24 @@ def test_a_direct_load_lands_in_the_callers_array_and_keeps_bf16(mnt):
     with pytest.raises(ValueError):
         s.load(tokens, out=s.empty((2, 2, 64, 4, 4), np.uint16))  # the wrong shape
     s.close()
+
+
+def test_big_chunks_are_aligned_and_loaded_past_the_page_cache(mnt):
+    """Chunks of a MiB or more have their tensors 4 KiB-aligned in the file (a padded
+    safetensors header), so a direct load reads them with O_DIRECT straight into the
+    result; the bytes are the stored ones, and safetensors still reads the files."""
+    from safetensors.numpy import load_file
+
+    s = KVStore(mnt.p("kv"), "big", chunk_tokens=128)
+    tokens = np.arange(256) + 9
+    kv = np.random.default_rng(5).standard_normal((2, 2, 256, 8, 128)).astype(np.float16)
+    s.store(tokens, kv)
+    path = s.paths(tokens)[1]
+    with open(path, "rb") as f:
+        (n,) = __import__("struct").unpack("<Q", f.read(8))
+    assert (8 + n) % 4096 == 0
+    assert np.array_equal(load_file(path)["layer.1.k"], kv[1, 0, 128:256])
+    got, out = s.load(tokens)
+    assert got == 256 and out.tobytes() == kv.tobytes()
+    st = json.load(open(mnt.p(".kvfs", "stats.json")))["counters"]
+    assert st.get("direct_unbuffered_reads", 0) > 0, st
