@@ -485,13 +485,19 @@ class Direct(Layer):
                 made = self._make_parents(caller, {s.parts[:-1] for s in todo})
             with self.meta.begin() as txn:
                 resolver = _Paths(self.namespace, txn, caller)
+                quotas = self.meta.has_quotas(txn)
+                per_dir: dict[int, tuple] = {}  # parent -> (codec, quota roots)
                 for s in todo:
                     try:
                         s.parent, pdir = resolver.directory(s.parts[:-1], write=True)
                         self._check_replace(txn, caller, s.parent, pdir, s.parts[-1])
-                        s.of = of = OpenFile(s.index, len(s.data), self.namespace.dir_codec(txn, pdir))
+                        if s.parent not in per_dir:
+                            per_dir[s.parent] = (self.namespace.dir_codec(txn, pdir),
+                                                 self.meta.quota_roots(txn, s.parent) if quotas else [])
+                        codec, roots = per_dir[s.parent]
+                        s.of = of = OpenFile(s.index, len(s.data), codec)
                         of.base_size = 0
-                        of.quota_roots = self.meta.quota_roots(txn, s.parent) if self.meta.has_quotas(txn) else []
+                        of.quota_roots = roots
                     except _Refused as exc:
                         s.error = exc.errno
             for s in todo:
@@ -506,7 +512,15 @@ class Direct(Layer):
         """Make the missing directories of `dirs` (and above), as mkdir -p by the caller.
         Returns the (parent, name, 0) of each directory made."""
         made = []
-        for parts in sorted(dirs, key=len):
+        with self.meta.begin() as txn:  # most batches go where directories are already
+            resolver = _Paths(self.namespace, txn, caller)
+            missing = []
+            for parts in dirs:
+                try:
+                    resolver.directory(parts)
+                except _Refused:
+                    missing.append(parts)
+        for parts in sorted(missing, key=len):
             for n in range(1, len(parts) + 1):
                 with self.meta.begin() as txn:
                     resolver = _Paths(self.namespace, txn, caller)
@@ -584,7 +598,7 @@ class Direct(Layer):
         db = self.meta.db
         t = now_ns()
         dirs = {}
-        with self.meta.begin(write=True) as txn, self.meta.totals_batch(txn):
+        with self.meta.begin(write=True) as txn, self.meta.batch(txn):
             quotas = self.meta.has_quotas(txn)
             for s in live:
                 try:

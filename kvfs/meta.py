@@ -472,7 +472,7 @@ class Meta:
     """The LMDB environment of a warehouse and its named sub-databases."""
 
     def __init__(self, path: str, readonly: bool = False):
-        self._batches: dict[int, dict] = {}  # id(write txn) -> totals adding up (totals_batch)
+        self._batches: dict[int, dict] = {}  # id(write txn) -> what it keeps in memory (batch)
         self.env = lmdb.open(
             path,
             map_size=MAP_SIZE,
@@ -543,6 +543,15 @@ class Meta:
         txn.put(key, json.dumps(value, sort_keys=True).encode(), db=self.db["super"])
 
     def next_counter(self, txn, name: bytes, start: int) -> int:
+        batch = self._batches.get(id(txn)) if self._batches else None
+        if batch is not None:
+            counters = batch["counters"]
+            if name not in counters:
+                raw = txn.get(name, db=self.db["counters"])
+                counters[name] = start if raw is None else parse_u64(raw)
+            value = counters[name]
+            counters[name] = value + 1
+            return value
         raw = txn.get(name, db=self.db["counters"])
         value = start if raw is None else parse_u64(raw)
         txn.put(name, u64(value + 1), db=self.db["counters"])
@@ -574,24 +583,43 @@ class Meta:
                 self._quota_add(txn, self.quota_roots(txn, parent), inode.size - old.size)
 
     @contextlib.contextmanager
-    def totals_batch(self, txn):
-        """Within it, changes to the totals of write transaction `txn` add up in memory and
-        are written once at its end (a batch of thousands of files: one write, not two
-        each). Nothing in it may read the totals."""
-        batch = self._batches[id(txn)] = {}
+    def batch(self, txn):
+        """Within it, write transaction `txn` keeps what thousands of small changes would
+        each read and write again in memory, and writes it once at the end: the totals,
+        the counters (next inode, next entry) and the extents taken out of the free map
+        (adjacent ones taken out as one). Nothing in it may read the totals or the free map."""
+        batch = self._batches[id(txn)] = {"totals": {}, "counters": {}, "taken": []}
         try:
             yield
         finally:
             del self._batches[id(txn)]
-        self._add_totals(txn, **batch)
+        self._add_totals(txn, **batch["totals"])
+        for name, value in batch["counters"].items():
+            txn.put(name, u64(value), db=self.db["counters"])
+        runs: list = []
+        for dev, off, length in sorted(batch["taken"]):
+            if runs and runs[-1][0] == dev and runs[-1][1] + runs[-1][2] == off:
+                runs[-1][2] += length
+                runs[-1][3].append((dev, off, length))
+            else:
+                runs.append([dev, off, length, [(dev, off, length)]])
+        from .errors import Corrupt
+
+        for dev, off, length, parts in runs:
+            try:
+                self.free_remove(txn, dev, off, length)
+            except Corrupt:  # not inside one free extent as a whole: piece by piece
+                for part in parts:
+                    self.free_remove(txn, *part)
 
     def _add_totals(self, txn, **delta) -> None:
         if not any(delta.values()):
             return
         batch = self._batches.get(id(txn)) if self._batches else None
         if batch is not None:
+            totals = batch["totals"]
             for name, d in delta.items():
-                batch[name] = batch.get(name, 0) + d
+                totals[name] = totals.get(name, 0) + d
             return
         t = Totals.unpack(txn.get(TOTALS_KEY, db=self.db["totals"]))
         for name, d in delta.items():
@@ -775,6 +803,10 @@ class Meta:
         """Take [offset, offset+length) out of a free extent (it must lie inside one)."""
         from .errors import Corrupt
 
+        batch = self._batches.get(id(txn)) if self._batches else None
+        if batch is not None:
+            batch["taken"].append((dev, offset, length))
+            return
         db = self.db["free"]
         cur = txn.cursor(db=db)
         if cur.set_range(free_key(dev, offset + 1)):
