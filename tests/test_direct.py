@@ -490,7 +490,10 @@ def test_garbage_on_the_socket_is_refused_and_the_daemon_serves_on(dmount, tmp_p
     # a request over the limit: refused, and the connection ends (the stream is lost)
     s.sendall(struct.pack("<I", (256 << 20) + 1) + b"{")
     assert refused(recv(s), E.EMSGSIZE)
-    assert recv(s) is None
+    try:
+        assert recv(s) is None
+    except ConnectionResetError:  # (it closed with our byte unread)
+        pass
     s.close()
     # peers that go away mid-message, or before reading their reply
     s = raw_socket(m)
