@@ -345,8 +345,9 @@ class Direct(Layer):
 
     def _read_block(self, loc, dests: list) -> None:
         """Read block `loc` once, verify it, and copy what each (item, lo, hi, dest) asks
-        for into dest. A raw block wanted whole lands in the caller's memory directly and is
-        verified there."""
+        for into dest. A raw block lands in the callers' memory directly and is verified
+        there; if that fails, a private copy is read and verified before the block is called
+        damaged (the callers' memory is shared: they may change it under the hash)."""
         h, dev, off, slen, rlen, codec = loc
         cached = self.cache.cached(h)
         if cached is not None:
@@ -357,8 +358,7 @@ class Direct(Layer):
         if self.blocks.is_damaged(h, dev, off):
             raise Damaged(f"block {h.hex()} is quarantined (failed verification earlier)", loc)
         device = self.devices.devices[dev]
-        if codec == codecs.CODEC_NONE and slen <= rlen:
-            self._scatter(device, loc, dests)
+        if codec == codecs.CODEC_NONE and slen <= rlen and self._scatter(device, loc, dests):
             return
         stored = bytearray(slen)
         self._device_read(device, [memoryview(stored)], off, loc)
@@ -370,10 +370,11 @@ class Direct(Layer):
         for _, lo, hi, out in dests:
             out[:] = data[lo:hi]
 
-    def _scatter(self, device, loc, dests: list) -> None:
+    def _scatter(self, device, loc, dests: list) -> bool:
         """Read raw block `loc` straight into the callers' memory: one preadv whose pieces
         are the destinations (and scratch for what nobody asked for), then the block's hash
-        over the pieces in order. No copy but the kernel's."""
+        over the pieces in order. No copy but the kernel's. False if the hash does not
+        match: the caller then judges the block by a private copy."""
         h, dev, off, slen, rlen, _ = loc
         pieces, extra, pos = [], [], 0  # (lo, hi, view) tiling [0, rlen)
         for d in sorted(dests, key=lambda d: d[1]):
@@ -396,13 +397,14 @@ class Direct(Layer):
                 view[start:] = bytes(hi - lo - start)
             digest.update(view)
         if digest.digest() != h:
-            raise Damaged(f"block {h.hex()} does not match its hash (device {dev} at {off})", loc)
+            return False  # damaged, or a client changed its memory meanwhile: see _read_block
         self.counters["device_reads"] += 1
         for _, lo, hi, out in extra:
             for plo, phi, view in pieces:
                 a, b = max(lo, plo), min(hi, phi)
                 if a < b:
                     out[a - lo:b - lo] = view[a - plo:b - plo]
+        return True
 
     def _device_read(self, device, views: list, off: int, loc) -> None:
         try:
