@@ -468,9 +468,10 @@ class Direct(Layer):
         """Check where each file goes (making missing directories if asked) and count it
         against the quotas above it. Returns the (parent, name, 0) of directories made."""
         made: list = []
+        unmade: dict = {}  # directory -> why it could not be made
         with self.core.lock:
             if parents:
-                made = self._make_parents(caller, {s.parts[:-1] for s in todo})
+                made = self._make_parents(caller, {s.parts[:-1] for s in todo}, unmade)
             with self.meta.begin() as txn:
                 resolver = _Paths(self.namespace, txn, caller)
                 for s in todo:
@@ -481,7 +482,8 @@ class Direct(Layer):
                         of.base_size = 0
                         of.quota_roots = self.meta.quota_roots(txn, s.parent) if self.meta.has_quotas(txn) else []
                     except _Refused as exc:
-                        s.error = exc.errno
+                        # a directory that could not be made: why (EACCES, ...), as mkdir -p says
+                        s.error = unmade.get(s.parts[:-1], exc.errno) if exc.errno == errno.ENOENT else exc.errno
             for s in todo:
                 if not s.error:
                     try:
@@ -490,9 +492,10 @@ class Direct(Layer):
                         s.error = exc.errno
         return made
 
-    def _make_parents(self, caller: Caller, dirs: set) -> list:
+    def _make_parents(self, caller: Caller, dirs: set, unmade: dict) -> list:
         """Make the missing directories of `dirs` (and above), as mkdir -p by the caller.
-        Returns the (parent, name, 0) of each directory made."""
+        Returns the (parent, name, 0) of each directory made; puts in `unmade` the errno of
+        each directory of `dirs` it could not make."""
         made = []
         for parts in sorted(dirs, key=len):
             for n in range(1, len(parts) + 1):
@@ -506,12 +509,14 @@ class Direct(Layer):
                             break
                     try:
                         parent, _ = resolver.directory(parts[:n - 1], write=True)
-                    except _Refused:
+                    except _Refused as exc:
+                        unmade[parts] = exc.errno
                         break
                 try:
                     check_name(parts[n - 1])
                     self.namespace.mkdir(parent, parts[n - 1], 0o755, caller.uid, caller.gid, caller.pid)
-                except KvfsError:
+                except KvfsError as exc:
+                    unmade[parts] = exc.errno
                     break  # its files report why
                 made.append((parent, parts[n - 1], 0))
         return made
