@@ -355,8 +355,9 @@ class Direct(Layer):
 
     def _read_block(self, loc, dests: list) -> None:
         """Read block `loc` once, verify it, and copy what each (item, lo, hi, dest) asks
-        for into dest. A raw block wanted whole lands in the caller's memory directly and is
-        verified there."""
+        for into dest. A raw block lands in the callers' memory directly and is verified
+        there; if that fails, a private copy is read and verified before the block is called
+        damaged (the callers' memory is shared: they may change it under the hash)."""
         h, dev, off, slen, rlen, codec = loc
         cached = self.cache.cached(h)
         if cached is not None:
@@ -367,8 +368,7 @@ class Direct(Layer):
         if self.blocks.is_damaged(h, dev, off):
             raise Damaged(f"block {h.hex()} is quarantined (failed verification earlier)", loc)
         device = self.devices.devices[dev]
-        if codec == codecs.CODEC_NONE and slen <= rlen:
-            self._scatter(device, loc, dests)
+        if codec == codecs.CODEC_NONE and slen <= rlen and self._scatter(device, loc, dests):
             return
         stored = bytearray(slen)
         self._device_read(device, [memoryview(stored)], off, loc)
@@ -380,10 +380,11 @@ class Direct(Layer):
         for _, lo, hi, out in dests:
             out[:] = data[lo:hi]
 
-    def _scatter(self, device, loc, dests: list) -> None:
+    def _scatter(self, device, loc, dests: list) -> bool:
         """Read raw block `loc` straight into the callers' memory: one preadv whose pieces
         are the destinations (and scratch for what nobody asked for), then the block's hash
-        over the pieces in order. No copy but the kernel's."""
+        over the pieces in order. No copy but the kernel's. False if the hash does not
+        match: the caller then judges the block by a private copy."""
         h, dev, off, slen, rlen, _ = loc
         pieces, extra, pos = [], [], 0  # (lo, hi, view) tiling [0, rlen)
         for d in sorted(dests, key=lambda d: d[1]):
@@ -410,13 +411,14 @@ class Direct(Layer):
                 view[start:] = bytes(hi - lo - start)
             digest.update(view)
         if digest.digest() != h:
-            raise Damaged(f"block {h.hex()} does not match its hash (device {dev} at {off})", loc)
+            return False  # damaged, or a client changed its memory meanwhile: see _read_block
         self.counters["device_reads"] += 1
         for _, lo, hi, out in extra:
             for plo, phi, view in pieces:
                 a, b = max(lo, plo), min(hi, phi)
                 if a < b:
                     out[a - lo:b - lo] = view[a - plo:b - plo]
+        return True
 
     def _device_read(self, device, views: list, off: int, loc, odirect: bool = False) -> None:
         try:
@@ -480,9 +482,10 @@ class Direct(Layer):
         """Check where each file goes (making missing directories if asked) and count it
         against the quotas above it. Returns the (parent, name, 0) of directories made."""
         made: list = []
+        unmade: dict = {}  # directory -> why it could not be made
         with self.core.lock:
             if parents:
-                made = self._make_parents(caller, {s.parts[:-1] for s in todo})
+                made = self._make_parents(caller, {s.parts[:-1] for s in todo}, unmade)
             with self.meta.begin() as txn:
                 resolver = _Paths(self.namespace, txn, caller)
                 quotas = self.meta.has_quotas(txn)
@@ -499,7 +502,8 @@ class Direct(Layer):
                         of.base_size = 0
                         of.quota_roots = roots
                     except _Refused as exc:
-                        s.error = exc.errno
+                        # a directory that could not be made: why (EACCES, ...), as mkdir -p says
+                        s.error = unmade.get(s.parts[:-1], exc.errno) if exc.errno == errno.ENOENT else exc.errno
             for s in todo:
                 if not s.error:
                     try:
@@ -508,9 +512,10 @@ class Direct(Layer):
                         s.error = exc.errno
         return made
 
-    def _make_parents(self, caller: Caller, dirs: set) -> list:
+    def _make_parents(self, caller: Caller, dirs: set, unmade: dict) -> list:
         """Make the missing directories of `dirs` (and above), as mkdir -p by the caller.
-        Returns the (parent, name, 0) of each directory made."""
+        Returns the (parent, name, 0) of each directory made; puts in `unmade` the errno of
+        each directory of `dirs` it could not make."""
         made = []
         with self.meta.begin() as txn:  # most batches go where directories are already
             resolver = _Paths(self.namespace, txn, caller)
@@ -532,12 +537,14 @@ class Direct(Layer):
                             break
                     try:
                         parent, _ = resolver.directory(parts[:n - 1], write=True)
-                    except _Refused:
+                    except _Refused as exc:
+                        unmade[parts] = exc.errno
                         break
                 try:
                     check_name(parts[n - 1])
                     self.namespace.mkdir(parent, parts[n - 1], 0o755, caller.uid, caller.gid, caller.pid)
-                except KvfsError:
+                except KvfsError as exc:
+                    unmade[parts] = exc.errno
                     break  # its files report why
                 made.append((parent, parts[n - 1], 0))
         return made

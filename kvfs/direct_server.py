@@ -52,6 +52,7 @@ MAX_BUFFER_BYTES = 1 << 40
 MAX_PEERS = 256
 _LEN = struct.Struct("<I")
 _CRED = struct.Struct("3i")
+_F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)  # Linux 5.1 (not in Python's fcntl)
 
 
 class _Bad(Exception):
@@ -283,9 +284,14 @@ class DirectServer:
             raise _Bad(errno.EINVAL, "a buffer is a memfd made with MFD_ALLOW_SEALING") from None
         if not seals & fcntl.F_SEAL_SHRINK:
             raise _Bad(errno.EINVAL, "a buffer must be sealed with F_SEAL_SHRINK")
+        if seals & (fcntl.F_SEAL_WRITE | _F_SEAL_FUTURE_WRITE):
+            raise _Bad(errno.EINVAL, "a buffer must be writable (not sealed with F_SEAL_WRITE or F_SEAL_FUTURE_WRITE)")
         if not 0 < st.st_size <= MAX_BUFFER_BYTES:
             raise _Bad(errno.EINVAL, f"a buffer holds 1 byte to {MAX_BUFFER_BYTES} bytes")
-        mm = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            mm = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            raise _Bad(exc.errno or errno.EINVAL, f"the buffer cannot be mapped: {exc.strerror or exc}") from None
         old = peer.buffers.pop(buf_id, None)
         if old is not None:
             old.close()
