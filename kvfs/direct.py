@@ -444,6 +444,8 @@ class Direct(Layer):
             try:
                 if not isinstance(mode, int) or mode & ~0o7777:
                     raise _Refused(errno.EINVAL)
+                if caller.uid != 0:
+                    mode &= ~0o6000  # no set-id bits from a store (the kernel strips them too)
                 if len(data) > MAX_FILE_SIZE:
                     raise _Refused(errno.EFBIG)
                 todo.append(_Store(i, _Paths.split(path), data, mode))

@@ -50,6 +50,7 @@ MAX_REQUEST = 256 << 20
 MAX_BUFFERS = 64
 MAX_BUFFER_BYTES = 1 << 40
 MAX_PEERS = 256
+MAX_PEERS_PER_USER = 32  # one user cannot take every connection from the others
 _LEN = struct.Struct("<I")
 _CRED = struct.Struct("3i")
 _F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)  # Linux 5.1 (not in Python's fcntl)
@@ -199,11 +200,18 @@ class DirectServer:
                     return
                 continue
             with self._lock:
-                if len(self._peers) >= MAX_PEERS:
+                try:
+                    peer = _Peer(conn)
+                except OSError:
                     conn.close()
-                    log.warning("direct path: %d clients connected, refusing another", MAX_PEERS)
                     continue
-                peer = _Peer(conn)
+                uid = peer.caller.uid
+                mine = sum(1 for p in self._peers if p.caller.uid == uid)
+                if len(self._peers) >= MAX_PEERS or (uid != 0 and mine >= MAX_PEERS_PER_USER):
+                    conn.close()
+                    log.warning("direct path: %d clients connected (%d of uid %d), refusing another",
+                                len(self._peers), mine, uid)
+                    continue
                 self._peers.add(peer)
             threading.Thread(target=self._serve, args=(peer,), name="kvfs-direct-peer", daemon=True).start()
 
