@@ -99,13 +99,32 @@ class KVStore:
                 raise ValueError(f"namespace and model must be plain names, not {part!r}")
         self.dir = os.path.join(self.root, self.namespace, self.model)
         self._lookup_file = _find_lookup_file(self.root)
-        self._client = None
+        self._conn = None
+        self._pid = os.getpid()
         self._staging = None
         self._outputs: list = []
         if self.direct:
             from .direct_client import connect
 
-            self._client = connect(self.root)
+            self._conn = connect(self.root)
+
+    @property
+    def _client(self):
+        """The direct path's connection, or None. A forked child (a worker process) must not
+        talk over its parent's connection or use its parent's shared memory: it connects
+        anew (and leaves those alone: its parent still uses them)."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._staging, self._outputs = None, []
+            if self._conn is not None:
+                from .direct_client import connect
+
+                self._conn = connect(self.root)
+        return self._conn
+
+    @_client.setter
+    def _client(self, value) -> None:
+        self._conn = value
 
     @property
     def uses_direct_path(self) -> bool:

@@ -293,3 +293,26 @@ def test_big_chunks_are_aligned_and_loaded_past_the_page_cache(mnt):
     assert got == 256 and out.tobytes() == kv.tobytes()
     st = json.load(open(mnt.p(".kvfs", "stats.json")))["counters"]
     assert st.get("direct_unbuffered_reads", 0) > 0, st
+
+
+def test_a_forked_worker_connects_anew_and_the_parent_carries_on(mnt):
+    """Inference servers fork workers: a child must not speak over its parent's socket or
+    scribble on its parent's shared memory. It connects anew; both then load correctly."""
+    s = KVStore(mnt.p("kv"), "fork", chunk_tokens=16)
+    tokens = np.arange(64) + 3
+    kv = kv_for(tokens)
+    s.store(tokens, kv)
+    n, first = s.load(tokens)
+    pid = os.fork()
+    if pid == 0:  # the child: exit code 0 only if it loaded the right bytes on its own connection
+        ok = False
+        try:
+            parent_conn = s._conn
+            got, out = s.load(tokens)
+            ok = got == 64 and np.array_equal(out, kv) and s._conn is not parent_conn and s.uses_direct_path
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    n, again = s.load(tokens, out=first)
+    assert n == 64 and np.array_equal(again, kv)
