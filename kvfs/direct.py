@@ -302,7 +302,8 @@ class Direct(Layer):
     def _read_block(self, loc, dests: list) -> None:
         """Read block `loc` once, verify it, and copy what each (item, lo, hi, dest) asks
         for into dest. A raw block wanted whole lands in the caller's memory directly and is
-        verified there."""
+        verified there; if that check fails, the block is read again into the daemon's own
+        memory, and only that copy, which the caller cannot change, can prove it damaged."""
         h, dev, off, slen, rlen, codec = loc
         cached = self.cache.cached(h)
         if cached is not None:
@@ -314,14 +315,17 @@ class Direct(Layer):
             raise Damaged(f"block {h.hex()} is quarantined (failed verification earlier)", loc)
         device = self.devices.devices[dev]
         whole = [d for d in dests if d[1] == 0 and d[2] == rlen]
+        data = None
         if codec == codecs.CODEC_NONE and whole and slen <= rlen:
             first = whole[0][3]
             self._device_read(device, first[:slen], off, loc)
             first[slen:] = bytes(rlen - slen)  # raw blocks are stored without trailing zeros
-            if codecs.block_hash(first) != h:
-                raise Damaged(f"block {h.hex()} does not match its hash (device {dev} at {off})", loc)
-            data = first
-        else:
+            if codecs.block_hash(first) == h:
+                data = first
+            # else: the caller's memory may have changed under the check (its own threads,
+            # or another item of the batch landing on the same range): the block is read
+            # again into the daemon's own memory below, and only that copy can prove damage.
+        if data is None:
             stored = bytearray(slen)
             self._device_read(device, memoryview(stored), off, loc)
             try:
