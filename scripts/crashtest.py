@@ -9,18 +9,26 @@ renamer and reader processes, waits a random time, then either
            device writes since the last sync are lost, and the metadata goes back to what
            was last synced (the copy the daemon keeps in meta.power-cut/ at each sync),
            which is what a power cut does to drives without power-loss protection.
+With --direct-writers N, N clients of the direct path (kvfs.direct_client) join each
+trial: each stores batches of files over its socket (all of its durable/ files in one batch,
+every one at the batch's version, half of them with sync; new and rewritten cache/ files)
+and reads batches back through it.
 Then it mounts again and checks:
   - every file that is visible holds exactly one complete version (self-describing content:
     key, version, length and a hash in a header), or is empty where a writer truncated it;
   - durable/ is pinned: after a kill every file closed before the crash is there with that
     version or a newer one; after a power cut every file that was fsync'd (file, then its
     directory after the rename) is;
+  - a direct batch is published whole or not at all: a direct writer's durable/ files are
+    all there or none, all at one version; its stores count as closed once acknowledged,
+    and as fsync'd where they asked for sync;
   - kvfs fsck --verify-data is clean after the unmount.
 The warehouse carries over from trial to trial (each recovery starts from the last one's
 state); --fresh-every N makes a new one every N trials.
 
     python scripts/crashtest.py --trials 200           # the long run (about 15 minutes)
     python scripts/crashtest.py --trials 4 --seed 7    # what the test suite runs
+    python scripts/crashtest.py --trials 50 --direct-writers 2   # with direct-path writers
 
 Exit status: 0 every trial passed, 1 a trial failed (the failure and the kept warehouse
 are printed), 2 bad arguments.
@@ -81,6 +89,8 @@ def worker(role: str, root: str, journal: str, seed: int) -> None:
                 continue
             if got is not None and got[0].startswith(f"d{seed}_"):
                 versions[got[0]] = max(versions.get(got[0], -1), got[1])
+    if role == "direct":
+        return direct_worker(root, log, seed, rng)
     i = 0
     log.write("ready\n")
     try:
@@ -160,6 +170,91 @@ def worker(role: str, root: str, journal: str, seed: int) -> None:
         log.write(f"error {time.time():.6f} {errno.errorcode.get(exc.errno, exc.errno)} {role}: {exc}\n")
 
 
+DIRECT_DURABLE = 8  # durable/ files of one direct writer: always stored together, in one batch
+
+
+def direct_worker(root: str, log, seed: int, rng: random.Random) -> None:
+    """A client of the direct path: batches stored over its socket and read back through
+    it. Its durable/ keys (dd<k>_<j>, k its place among the workers) continue from trial to
+    trial; every batch stores all of them at one version (the batch's), so a recovered
+    warehouse must show them all at one version, or none. cache/ gets new files (x<seed>_i)
+    and rewrites of a few (y<seed>_k), each a new file renamed over (never torn)."""
+    from kvfs import direct_client
+
+    k = seed % 1000
+    durable = [f"dd{k}_{j}" for j in range(DIRECT_DURABLE)]
+    version = -1
+    for key in durable:
+        try:
+            got = parse(open(os.path.join(root, "durable", key), "rb").read())
+        except FileNotFoundError:
+            continue
+        if got is not None:
+            version = max(version, got[1])
+    client = direct_client.connect(root)
+    if client is None:
+        log.write(f"error {time.time():.6f} ENODEV direct: the mount does not serve the direct path\n")
+        return
+    # Room for the biggest batch: all durable keys (or a cache batch), each of the biggest size.
+    slot = HEADER.size + max(SIZES)
+    buf = client.buffer(DIRECT_DURABLE * slot)
+    versions: dict[str, int] = {}
+    log.write("ready\n")
+
+    def store(items, sync: bool) -> None:
+        """items: [(path under root, key, version)], stored as one batch."""
+        work = []
+        for n, (path, key, v) in enumerate(items):
+            data = content(key, v)
+            buf.mm[n * slot:n * slot + len(data)] = data
+            work.append((path, buf, n * slot, len(data), 0o644))
+        for (path, _, _), r in zip(items, client.write(work, parents=False, sync=sync)):
+            if r:
+                raise OSError(-r, f"direct store of {path}: {os.strerror(-r)}")
+        log.write("stored\n")
+
+    i = 0
+    try:
+        while True:
+            i += 1
+            what = rng.random()
+            if what < 0.3:  # all durable keys at the next version, one batch
+                version += 1
+                sync = rng.random() < 0.5
+                log.write(f"start-batch {durable[0]} {version}\n")
+                store([(f"durable/{key}", key, version) for key in durable], sync)
+                for key in durable:
+                    log.write(f"closed {key} {version}\n")
+                    if sync:
+                        log.write(f"synced {key} {version}\n")
+            elif what < 0.6:  # new cache files, and now and then a rewrite, in one batch
+                items = [(f"cache/x{seed}_{i}_{j}", f"x{seed}_{i}_{j}", 0) for j in range(rng.randrange(1, 5))]
+                if rng.random() < 0.5:
+                    key = f"y{seed}_{rng.randrange(4)}"
+                    v = versions[key] = versions.get(key, -1) + 1
+                    log.write(f"start {key} {v}\n")
+                    items.append((f"cache/{key}", key, v))
+                store(items, sync=False)
+                for _, key, v in items:
+                    if key.startswith("y"):
+                        log.write(f"closed {key} {v}\n")
+            else:  # read a batch of published files back through the direct path
+                sub = rng.choice(("durable", "cache"))
+                names = [n for n in os.listdir(os.path.join(root, sub))
+                         if not n.endswith(".tmp") and not n.startswith(("r", "."))]
+                names = rng.sample(names, min(len(names), DIRECT_DURABLE))
+                results = client.read([(f"{sub}/{n}", 0, slot, buf, j * slot) for j, n in enumerate(names)])
+                for j, (n, r) in enumerate(zip(names, results)):
+                    if r == -errno.ENOENT:
+                        continue  # evicted, renamed or rewritten meanwhile
+                    got = parse(bytes(buf.mm[j * slot:j * slot + r])) if r >= 0 else None
+                    if got is None or got[0] != n.split(".")[0]:
+                        log.write(f"BAD-READ direct {sub}/{n} {r if r < 0 else got}\n")
+    except OSError as exc:
+        # Expected once the daemon is killed (the connection drops, or the mount is gone).
+        log.write(f"error {time.time():.6f} {errno.errorcode.get(exc.errno, exc.errno)} direct: {exc}\n")
+
+
 # -- the harness ---------------------------------------------------------------------------
 
 def kvfs(*args, check=True, env=None, timeout=300):
@@ -202,11 +297,13 @@ class Trial:
         pid = daemon_pid(self.warehouse)
         journals = []
         procs = []
-        for k, role in enumerate(("durable", "durable", "cache", "cache", "renamer", "reader", "reader")):
+        roles = ("durable", "durable", "cache", "cache", "renamer", "reader", "reader")
+        for k, role in enumerate(roles + ("direct",) * self.args.direct_writers):
             j = os.path.join(self.work, f"journal-{role}-{k}")
             journals.append(j)
             # Durable writers keep their seeds (so keys and versions continue from trial to
-            # trial); the rest take new ones.
+            # trial); the rest take new ones (a direct writer keeps its durable keys by its
+            # place, k = seed % 1000).
             seed = k if role == "durable" else 1000 * n + k
             procs.append(subprocess.Popen([sys.executable, __file__, "worker", role, self.mnt, j, str(seed)]))
         deadline = time.monotonic() + 60  # the crash comes that long after all are at work
@@ -247,6 +344,7 @@ class Trial:
         synced: dict[str, int] = {}
         started: dict[str, int] = {}
         problems = []
+        stored = 0  # direct batches acknowledged
         for j in journals:
             if not os.path.exists(j):
                 continue
@@ -255,6 +353,8 @@ class Trial:
                 if parts[0] in ("closed", "synced", "start") and len(parts) == 3:
                     into = {"closed": closed, "synced": synced, "start": started}[parts[0]]
                     into[parts[1]] = max(into.get(parts[1], -1), int(parts[2]))
+                elif parts[0] == "stored":
+                    stored += 1
                 elif parts[0] == "BAD-READ":
                     problems.append(f"a reader saw a torn file before the crash: {line}")
                 elif parts[0] == "error" and float(parts[1]) < killed_at:
@@ -281,9 +381,22 @@ class Trial:
                         problems.append(f"{sub}/{name}: {len(data)} bytes that are no complete version")
                 elif got[0] != base:
                     problems.append(f"{sub}/{name}: holds {got[0]} version {got[1]}")
-        if mode == "kill":  # a rewrite in place: the last closed version, or a later one begun
+        # A direct writer's durable/ files are stored all at once, at one version: one
+        # transaction, so all of them are there at one version, or none is.
+        batches: dict[str, dict[str, int | None]] = {}
+        for name in os.listdir(os.path.join(self.mnt, "durable")):
+            if name.startswith("dd") and not name.endswith(".tmp"):
+                try:
+                    got = parse(open(os.path.join(self.mnt, "durable", name), "rb").read())
+                except OSError:
+                    got = None  # (reported above)
+                batches.setdefault(name.split("_")[0], {})[name] = got[1] if got else None
+        for writer, found in sorted(batches.items()):
+            if len(found) != DIRECT_DURABLE or len(set(found.values())) != 1:
+                problems.append(f"durable/{writer}_*: a direct batch torn: {sorted(found.items())}")
+        if mode == "kill":  # a rewrite (in place, or a direct store): the last closed version, or a later one begun
             for key, v in closed.items():
-                if not key.startswith("r"):
+                if not key.startswith(("r", "y")):
                     continue
                 try:
                     data = open(os.path.join(self.mnt, "cache", key), "rb").read()
@@ -314,7 +427,7 @@ class Trial:
         for j in journals:  # the next trial's journals start empty
             if os.path.exists(j):
                 os.unlink(j)
-        return {"files": files, "promised": len(promised), "problems": problems}
+        return {"files": files, "promised": len(promised), "problems": problems, "direct_batches": stored}
 
 
 def main(argv=None) -> int:
@@ -334,19 +447,24 @@ def main(argv=None) -> int:
     p.add_argument("--max-run", type=float, default=2.5, help="most seconds of work before the crash")
     p.add_argument("--workdir", default=None, help="where warehouses go (default: a new temporary directory)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--direct-writers", type=int, default=0, metavar="N",
+                   help="clients of the direct path storing and reading batches in every trial "
+                        "(default 0: file I/O through the mount only)")
     p.add_argument("--lying-sync", action="store_true",
                    help="make the drives acknowledge syncs they do not do (power-cut trials): "
                         "the harness must then fail, which shows that it can")
     args = p.parse_args(argv)
-    if args.trials < 1 or not 0 <= args.power_cut_share <= 1 or args.min_run > args.max_run:
-        p.error("need --trials >= 1, 0 <= --power-cut-share <= 1, --min-run <= --max-run")
+    if (args.trials < 1 or not 0 <= args.power_cut_share <= 1 or args.min_run > args.max_run
+            or args.direct_writers < 0):
+        p.error("need --trials >= 1, 0 <= --power-cut-share <= 1, --min-run <= --max-run, --direct-writers >= 0")
     seed = args.seed if args.seed is not None else int(time.time())
     rng = random.Random(seed)
     work = args.workdir or tempfile.mkdtemp(prefix="kvfs-crashtest-")
     os.makedirs(work, exist_ok=True)
     trial = Trial(args, work)
     summary = {"seed": seed, "trials": 0, "kill": 0, "powercut": 0, "files_checked": 0,
-               "promises_checked": 0, "recoveries": 0, "failed": None}
+               "promises_checked": 0, "recoveries": 0, "direct_writers": args.direct_writers,
+               "direct_batches": 0, "failed": None}
     t0 = time.monotonic()
     try:
         for n in range(args.trials):
@@ -362,13 +480,15 @@ def main(argv=None) -> int:
             summary[mode] += 1
             summary["files_checked"] += result["files"]
             summary["promises_checked"] += result["promised"]
+            summary["direct_batches"] += result["direct_batches"]
             if result["problems"]:
                 summary["failed"] = {"trial": n, "mode": mode, "problems": result["problems"][:20],
                                      "warehouse": trial.warehouse}
                 break
             if not args.json:
+                direct = f", {result['direct_batches']} direct batches" if args.direct_writers else ""
                 print(f"trial {n + 1}/{args.trials} {mode:8s} ok: {result['files']} files checked, "
-                      f"{result['promised']} promises kept", flush=True)
+                      f"{result['promised']} promises kept{direct}", flush=True)
     finally:
         subprocess.run(["fusermount3", "-u", "-z", trial.mnt], capture_output=True)
     summary["seconds"] = round(time.monotonic() - t0, 1)
@@ -380,7 +500,10 @@ def main(argv=None) -> int:
     else:
         print(f"crashtest: {summary['trials']} trials ({summary['kill']} kill -9, {summary['powercut']} power cuts) "
               f"in {summary['seconds']} s, {summary['files_checked']} files and "
-              f"{summary['promises_checked']} promises checked, seed {seed}: "
+              f"{summary['promises_checked']} promises checked"
+              + (f", {summary['direct_batches']} direct batches from {args.direct_writers} direct writers"
+                 if args.direct_writers else "")
+              + f", seed {seed}: "
               + ("all passed" if not summary["failed"] else "FAILED"))
         if summary["failed"]:
             print(json.dumps(summary["failed"], indent=2))

@@ -1,7 +1,8 @@
 """Crashes: kill -9 of the daemon and simulated power cuts under a mixed workload, through the
 crash harness (scripts/crashtest.py; its long run is 200 trials). Each trial mounts again
 (recovery), checks every visible file against the writers' journals (complete versions only,
-nothing promised lost) and runs fsck --verify-data."""
+nothing promised lost) and runs fsck --verify-data; also with clients of the direct path
+storing batches."""
 
 import json
 import os
@@ -20,6 +21,19 @@ def test_crash_harness_kills_and_power_cuts_leave_no_torn_file(tmp_path):
     assert summary["trials"] == 4 and summary["kill"] >= 1 and summary["powercut"] >= 1, summary
     assert summary["promises_checked"] > 0 and summary["files_checked"] > 0, summary
     assert summary["recoveries"] == 4, summary  # every trial's mount recovered from a crash
+
+
+def test_crash_harness_with_direct_writers(tmp_path):
+    """Clients of the direct path storing batches over its socket while the daemon is killed
+    (--direct-writers): every batch is there whole after recovery or not at all."""
+    res = subprocess.run([sys.executable, HARNESS, "--trials", "3", "--seed", "11", "--direct-writers", "2",
+                          "--max-run", "1.5", "--json", "--workdir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=240)
+    summary = json.loads(res.stdout)
+    assert res.returncode == 0 and summary["failed"] is None, (summary, res.stderr[-3000:])
+    assert summary["trials"] == 3 and summary["kill"] >= 1 and summary["powercut"] >= 1, summary
+    assert summary["direct_writers"] == 2 and summary["direct_batches"] > 0, summary
+    assert summary["recoveries"] == 3, summary
 
 
 def test_crash_harness_catches_drives_that_lie_about_syncs(tmp_path):
