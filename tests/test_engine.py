@@ -304,8 +304,7 @@ def test_quarantine_survives_a_restart_and_drops_the_other_holders(tmp_path):
     problems = _fsck_clean(path)  # f2 still holds it: fsck says so
     assert any("is damaged" in p and "/f2" in p for p in problems), problems
     w = Warehouse(path)
-    with w.meta.begin() as txn:
-        dev_reads_before = sum(d.reads for d in w.devices.devices)
+    dev_reads_before = sum(d.reads for d in w.devices.devices)
     fh = w.open(f2)
     with pytest.raises(CorruptError):
         w.read(fh, 0, BS)
