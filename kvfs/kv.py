@@ -43,6 +43,7 @@ log = logging.getLogger("kvfs.kv")
 
 FORMAT = "kvfs.kv/1"
 STAGING_BYTES = 64 << 20  # client memory shared with the daemon for stores and chunk headers
+WINDOW_BYTES = 256 << 20  # a load reads this much per request, then hands it on (device=)
 HASH_BYTES = 16
 _ROOT_PARENT = bytes(HASH_BYTES)
 _SAFETENSORS_DTYPES = {
@@ -501,7 +502,9 @@ class _DirectLoad:
         n = next((i for i, s in enumerate(sizes) if s < 0), len(sizes))
         if n == 0:
             return 0, None
-        per = max(1, STAGING_BYTES // bs)
+        # Windows of about WINDOW_BYTES of chunks (at most a staging buffer of first blocks):
+        # a device copy of one overlaps the reads of the next.
+        per = max(1, min(STAGING_BYTES // bs, WINDOW_BYTES // max(1, sizes[0])))
         staging = st._staging_buffer(per * bs)
         out = shape = None
         ct = st.chunk_tokens
@@ -539,7 +542,7 @@ class _DirectLoad:
                     out = np.ndarray((layers, 2, total, *rest), dtype=dtype, buffer=outbuf.mm)
                 origin = _address(outbuf)
                 if device is not None:
-                    gpu = _Gpu(out, device, st_dtype)
+                    gpu = _Gpu(out, device, st_dtype, (origin, outbuf.size))
             items, owners = [], []
             for k, (i, (_, tensors)) in enumerate(zip(window, layouts)):
                 for (layer, half), (start, end) in tensors.items():
@@ -580,30 +583,40 @@ def _torch(arr: np.ndarray, st_dtype: str):
 
 
 class _Gpu:
-    """A load's result copied into GPU memory while the rest is read: the result's shared
-    memory is registered as pinned host memory and each window copied asynchronously on a
-    stream of its own. (Not exercised by the test suite: it has no GPU.)"""
+    """A load's result copied to a torch device while the rest is read, a window at a time.
+    For CUDA the shared memory the daemon reads into is registered as pinned host memory
+    and each window is copied asynchronously on a stream of its own, overlapping the next
+    window's read. (The suite has no GPU: it runs this with device="cpu".)"""
 
-    def __init__(self, out: np.ndarray, device: str, st_dtype: str):
+    def __init__(self, out: np.ndarray, device: str, st_dtype: str, region: tuple[int, int]):
         import torch
 
         self.torch = torch
         self.host = _torch(out, st_dtype)
-        self.dev = torch.empty(self.host.shape, dtype=self.host.dtype, device=device)
-        self.ptr, self.nbytes = out.ctypes.data, out.nbytes
-        rc = torch.cuda.cudart().cudaHostRegister(self.ptr, self.nbytes, 0)
-        self.pinned = int(getattr(rc, "value", rc)) == 0
-        self.stream = torch.cuda.Stream(device=self.dev.device)
+        dev = torch.device(device)
+        self.dev = torch.empty(self.host.shape, dtype=self.host.dtype, device=dev)
+        self.pinned, self.stream, self.region = False, None, region
+        if dev.type == "cuda":
+            rc = torch.cuda.cudart().cudaHostRegister(region[0], region[1], 0)
+            self.pinned = int(getattr(rc, "value", rc)) == 0
+            if not self.pinned:
+                log.info("kvfs.kv: could not pin the load's memory (cudaHostRegister: %s); copies wait", rc)
+            self.stream = torch.cuda.Stream(device=dev)
 
     def copy(self, lo: int, hi: int) -> None:
-        if hi > lo:
-            with self.torch.cuda.stream(self.stream):
-                self.dev[:, :, lo:hi].copy_(self.host[:, :, lo:hi], non_blocking=self.pinned)
+        if hi <= lo:
+            return
+        if self.stream is None:
+            self.dev[:, :, lo:hi].copy_(self.host[:, :, lo:hi])
+            return
+        with self.torch.cuda.stream(self.stream):
+            self.dev[:, :, lo:hi].copy_(self.host[:, :, lo:hi], non_blocking=self.pinned)
 
     def finish(self, tokens: int):
-        self.stream.synchronize()
+        if self.stream is not None:
+            self.stream.synchronize()
         if self.pinned:
-            self.torch.cuda.cudart().cudaHostUnregister(self.ptr)
+            self.torch.cuda.cudart().cudaHostUnregister(self.region[0])
         return self.dev[:, :, :tokens]
 
 

@@ -267,6 +267,8 @@ def test_a_direct_load_lands_in_the_callers_array_and_keeps_bf16(mnt):
     assert n == 32 and np.shares_memory(again, out)
     assert np.array_equal(out[:, :, :32], kv[:, :, :32].view(torch.int16).numpy().view(np.uint16))
     assert (out[:, :, 32:] == 7).all()
+    n, on_dev = s.load(tokens, device="cpu")  # the windowed device copy (CUDA: pinned, async)
+    assert n == 64 and on_dev.dtype == torch.bfloat16 and torch.equal(on_dev, kv)
     with pytest.raises(ValueError):
         s.load(tokens, out=np.zeros((2, 2, 64, 4, 8), np.uint16))  # not shared memory
     with pytest.raises(ValueError):
@@ -274,7 +276,7 @@ def test_a_direct_load_lands_in_the_callers_array_and_keeps_bf16(mnt):
     s.close()
 
 
-def test_big_chunks_are_aligned_and_loaded_past_the_page_cache(mnt):
+def test_big_chunks_are_aligned_and_loaded_past_the_page_cache(mnt, monkeypatch):
     """Chunks of a MiB or more have their tensors 4 KiB-aligned in the file (a padded
     safetensors header), so a direct load reads them with O_DIRECT straight into the
     result; the bytes are the stored ones, and safetensors still reads the files."""
@@ -290,6 +292,11 @@ def test_big_chunks_are_aligned_and_loaded_past_the_page_cache(mnt):
     assert (8 + n) % 4096 == 0
     assert np.array_equal(load_file(path)["layer.1.k"], kv[1, 0, 128:256])
     got, out = s.load(tokens)
+    assert got == 256 and out.tobytes() == kv.tobytes()
+    import kvfs.kv
+
+    monkeypatch.setattr(kvfs.kv, "WINDOW_BYTES", 1)  # a window per chunk: the same bytes
+    got, out = s.load(tokens, out=out)
     assert got == 256 and out.tobytes() == kv.tobytes()
     st = json.load(open(mnt.p(".kvfs", "stats.json")))["counters"]
     assert st.get("direct_unbuffered_reads", 0) > 0, st
