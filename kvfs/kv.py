@@ -559,7 +559,6 @@ class _DirectLoad:
                 for i, r, item in zip(owners, c.read(items), items):
                     if r != item[2]:
                         n = min(n, i)
-            n = min(n, w0 + len(layouts))
             if gpu is not None:
                 gpu.copy(w0 * ct, min(n, window.stop) * ct)
             w0 = window.stop
