@@ -195,6 +195,8 @@ class Device:
         self.index = index
         self.path = path
         self.size = size
+        self.dfd: int | None = None  # opened O_DIRECT, for the direct path (_odirect_fd)
+        self._dfd_lock = threading.Lock()
         flags = os.O_RDONLY if readonly else os.O_RDWR
         try:
             self.fd = os.open(path, flags | os.O_CLOEXEC)
@@ -228,8 +230,6 @@ class Device:
         self._synced = 0  # of them, those a successful sync covers
         self._unsynced: dict[int, bytes] = {}  # offset -> bytes: a volatile write cache (Faults)
         self.sync_error: str | None = None  # set by a failed sync: every later one fails too
-        self.dfd: int | None = None  # opened O_DIRECT, for the direct path (_odirect_fd)
-        self._dfd_lock = threading.Lock()
 
     def pread(self, length: int, offset: int) -> bytes:
         try:
