@@ -84,3 +84,20 @@ def test_a_missing_mount_is_misses_and_skipped_puts_not_errors(make_mount, tmp_p
     assert not os.path.exists(root)
     loaded, _ = run(cfg, "load", 2)
     assert loaded["hits"] == 0 and loaded["equal"] == 0 and loaded["prefetch"] == [0, 0]
+
+
+def test_the_man_page_covers_the_plugin():
+    """kvfs-lmcache(7) names every extra_config key the plugin reads, its file format and
+    the sections a reader looks for; kvfs(1) and the README point at it."""
+    root = HERE.parent
+    text = (root / "man" / "kvfs-lmcache.7").read_text().replace("\\-", "-")
+    source = (root / "kvfs" / "lmcache_plugin.py").read_text()
+    keys = {"module_path", "class_name"} | set(re.findall(r'PREFIX \+ "(\w+)"', source))
+    assert {"root", "direct", "staging_mb"} <= keys
+    for key in keys:
+        assert f"storage_plugin.kvfs.{key}" in text, key
+    for section in ("NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "FILES", "ERRORS", "EXAMPLES", "SEE ALSO"):
+        assert f".SH {section}" in text, section
+    assert "kvfs.lmcache/1" in text and "KvfsBackend" in text
+    assert ".BR kvfs-lmcache (7)" in (root / "man" / "kvfs.1").read_text().replace("\\-", "-")
+    assert "storage_plugin.kvfs.root" in (root / "README.md").read_text()
