@@ -230,6 +230,7 @@ class KvfsBackend(StoragePluginInterface):
         self._retry_at = 0.0
         self._warned: dict[str, float] = {}
         self._hints: OrderedDict[str, int] = OrderedDict()  # path -> size seen (a guess, checked)
+        self._hint_lock = threading.Lock()
         self._pending: dict = {}
         self._pending_lock = threading.Lock()
         self._puts = ThreadPoolExecutor(1, thread_name_prefix="kvfs-put")
@@ -295,13 +296,14 @@ class KvfsBackend(StoragePluginInterface):
             return buf
 
     def _hint(self, path: str, size: int | None) -> None:
-        if size is None:
-            self._hints.pop(path, None)
-            return
-        self._hints[path] = size
-        self._hints.move_to_end(path)
-        while len(self._hints) > HINTS:
-            self._hints.popitem(last=False)
+        with self._hint_lock:
+            if size is None:
+                self._hints.pop(path, None)
+                return
+            self._hints[path] = size
+            self._hints.move_to_end(path)
+            while len(self._hints) > HINTS:
+                self._hints.popitem(last=False)
 
     # -- contains ----------------------------------------------------------------------------
 
