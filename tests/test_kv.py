@@ -272,3 +272,15 @@ def test_a_direct_load_lands_in_the_callers_array_and_keeps_bf16(mnt):
     with pytest.raises(ValueError):
         s.load(tokens, out=s.empty((2, 2, 64, 4, 4), np.uint16))  # the wrong shape
     s.close()
+
+
+def test_file_io_loads_bf16_as_bfloat16(tmp_path):
+    """Without the direct path (another filesystem), a bfloat16 KV loads back bit for bit:
+    chunks map BF16 tensors as their raw 16-bit words, framework="pt" views them as bf16."""
+    torch = pytest.importorskip("torch")
+    store = KVStore(str(tmp_path), model="m", chunk_tokens=16, direct=False)
+    kv = torch.randn(2, 2, 32, 4, 8).to(torch.bfloat16)
+    store.store(list(range(32)), kv)
+    n, got = store.load(list(range(32)), framework="pt")
+    assert n == 32 and got.dtype == torch.bfloat16 and torch.equal(got, kv)
+    assert open_chunk(store.paths(list(range(32)))[0]).dtype == "BF16"
