@@ -8,7 +8,8 @@ Chunk i is named by its *chain hash*: xxh3-128 over a canonical encoding of
                  | the chunk's token ids as little-endian u32
 
 where the extra keys are the model, its revision, the dtype and layout of the KV, the LoRA
-adapter and a tenant salt (any that are set). No pickle, no hash(), no PYTHONHASHSEED: the
+adapter and a tenant salt (any that are set), and any keys a caller adds (extra_keys: an
+engine's block size, its tensor-parallel rank, ...). No pickle, no hash(), no PYTHONHASHSEED: the
 same tokens give the same name in every process, on every machine, in every Python.
 
 A chunk lives at <root>/<namespace>/<model>/<hh>/<chain hash>.kv (hh: the first two hex
@@ -92,6 +93,7 @@ class KVStore:
     lora: str = ""
     salt: str = ""  # per tenant: the same prompt of two tenants gets two names
     direct: bool = True  # use the mount's direct path where it is served
+    extra_keys: dict[str, str] = field(default_factory=dict)  # more keys the chain hashes cover
     _lookup_file: str | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
@@ -181,8 +183,13 @@ class KVStore:
 
     @property
     def extra(self) -> dict[str, str]:
-        return {"model": self.model, "revision": self.revision, "dtype": self.dtype,
+        keys = {"model": self.model, "revision": self.revision, "dtype": self.dtype,
                 "layout": self.layout, "lora": self.lora, "salt": self.salt}
+        for k, v in self.extra_keys.items():
+            if k in keys:
+                raise ValueError(f"extra key {k!r} is a field of KVStore: set it there")
+            keys[k] = str(v)
+        return keys
 
     def chain(self, tokens) -> list[bytes]:
         return chain_hashes(tokens, self.chunk_tokens, self.extra)
@@ -196,15 +203,22 @@ class KVStore:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def store(self, tokens, kv) -> list[str]:
+    def store(self, tokens, kv, offset: int = 0) -> list[str]:
         """Store every whole chunk of `tokens` with its slice of `kv` (layers, 2, tokens,
-        ...); chunks already stored are not written again. Returns the chunks' paths."""
+        ...); chunks already stored are not written again. Returns the chunks' paths.
+
+        offset (a multiple of chunk_tokens): kv holds the tokens from there on (kv[:, :, 0]
+        is token `offset`) and only the chunks from there on are stored; `tokens` is still
+        the whole prefix, which names them."""
         kv, kv_dtype = _to_numpy(kv)
-        if kv.ndim < 3 or kv.shape[1] != 2 or kv.shape[2] < len(tokens) - len(tokens) % self.chunk_tokens:
+        if offset < 0 or offset % self.chunk_tokens:
+            raise ValueError("offset must be a multiple of chunk_tokens")
+        if kv.ndim < 3 or kv.shape[1] != 2 or kv.shape[2] < len(tokens) - len(tokens) % self.chunk_tokens - offset:
             raise ValueError("kv must be shaped (layers, 2, tokens, ...) with a slice for every token")
         ids = np.asarray(tokens, dtype=np.int64)
         chain = self.chain(ids)
-        have = self.exists(chain)
+        first = offset // self.chunk_tokens
+        have = [True] * first + self.exists(chain[first:])
         paths = [self.path(h) for h in chain]
         todo = []
         for i, (h, present) in enumerate(zip(chain, have)):
@@ -213,8 +227,8 @@ class KVStore:
             lo, hi = i * self.chunk_tokens, (i + 1) * self.chunk_tokens
             tensors = {"tokens": ids[lo:hi].astype(np.uint32)}
             for layer in range(kv.shape[0]):
-                tensors[f"layer.{layer}.k"] = kv[layer, 0, lo:hi]
-                tensors[f"layer.{layer}.v"] = kv[layer, 1, lo:hi]
+                tensors[f"layer.{layer}.k"] = kv[layer, 0, lo - offset:hi - offset]
+                tensors[f"layer.{layer}.v"] = kv[layer, 1, lo - offset:hi - offset]
             meta = {"format": FORMAT, "model": self.model, "revision": self.revision,
                     "dtype": self.dtype or kv_dtype, "layout": self.layout,
                     "chunk_index": str(i), "chunk_tokens": str(self.chunk_tokens),
@@ -322,11 +336,10 @@ class KVStore:
         kv = np.concatenate([c.kv() for c in chunks], axis=2)
         n = len(chunks) * self.chunk_tokens
         if framework == "pt" or device is not None:
-            import torch
-
-            out = torch.from_numpy(kv)
+            bf16 = any(c.dtype == "BF16" for c in chunks)
+            out = _torch(kv, "BF16" if bf16 else "")
             return n, out.to(device) if device is not None else out
-        return n, kv
+        return n, kv  # (BF16: its raw 16-bit words, as on the direct path)
 
     def _load_direct(self, tokens, framework: str, device: str | None, out=None):
         """load() on the direct path: the chunks' first blocks (their headers) into staging
@@ -343,10 +356,16 @@ class Chunk:
     path: str
     metadata: dict[str, str]
     tensors: dict[str, np.ndarray]
+    dtypes: dict[str, str] = field(default_factory=dict)  # name -> safetensors dtype
 
     @property
     def tokens(self) -> np.ndarray:
         return self.tensors["tokens"]
+
+    @property
+    def dtype(self) -> str:
+        """The safetensors dtype of the K/V tensors (BF16 ones are mapped as raw uint16 words)."""
+        return self.dtypes.get("layer.0.k", self.metadata.get("dtype", ""))
 
     @property
     def layers(self) -> int:
@@ -375,7 +394,7 @@ def open_chunk(path: str) -> Chunk:
     base = 8 + n
     tensors = {}
     for name, t in header.items():
-        dtype = _SAFETENSORS_DTYPES.get(t["dtype"])
+        dtype = np.uint16 if t["dtype"] == "BF16" else _SAFETENSORS_DTYPES.get(t["dtype"])  # (BF16: raw words)
         if dtype is None:
             raise ValueError(f"{path}: tensor {name} has dtype {t['dtype']}, which numpy cannot map")
         start, end = t["data_offsets"]
@@ -384,7 +403,7 @@ def open_chunk(path: str) -> Chunk:
             tensors[name] = np.zeros(shape, dtype=dtype)
         else:
             tensors[name] = np.memmap(path, dtype=dtype, mode="r", offset=base + start, shape=shape)
-    return Chunk(path, meta, tensors)
+    return Chunk(path, meta, tensors, {name: t["dtype"] for name, t in header.items()})
 
 
 def _to_numpy(kv) -> tuple[np.ndarray, str]:

@@ -331,6 +331,12 @@ def test_the_direct_path_page_covers_its_protocol():
     for name in VIRTUAL_NAMES:
         assert f".I {control.CONTROL_DIR}/{name.decode()}\n" in section, name
     assert ".BR kvfs-direct (7)" in (man / "kvfs.1").read_text().replace("\\-", "-")
+    vllm = text.split(".SH VLLM CONNECTOR", 1)[1].split("\n.SH ", 1)[0]
+    for key in ("root", "model", "revision", "namespace", "chunk_tokens", "salt", "store"):
+        assert f".B {key}\n" in vllm, key  # every key kvfs.vllm_connector reads
+    src = (man.parent / "kvfs" / "vllm_connector.py").read_text()
+    assert set(re.findall(r'cfg\.get\("(\w+)"', src)) == {"root", "model", "revision", "namespace", "chunk_tokens",
+                                                           "salt", "store"}
 
 
 def test_each_tool_runs_on_its_own_in_process(tmp_path, capsys):

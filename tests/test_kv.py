@@ -323,3 +323,15 @@ def test_a_forked_worker_connects_anew_and_the_parent_carries_on(mnt):
     assert os.waitstatus_to_exitcode(status) == 0
     n, again = s.load(tokens, out=first)
     assert n == 64 and np.array_equal(again, kv)
+
+
+def test_file_io_loads_bf16_as_bfloat16(tmp_path):
+    """Without the direct path (another filesystem), a bfloat16 KV loads back bit for bit:
+    chunks map BF16 tensors as their raw 16-bit words, framework="pt" views them as bf16."""
+    import torch
+    store = KVStore(str(tmp_path), model="m", chunk_tokens=16, direct=False)
+    kv = torch.randn(2, 2, 32, 4, 8).to(torch.bfloat16)
+    store.store(list(range(32)), kv)
+    n, got = store.load(list(range(32)), framework="pt")
+    assert n == 32 and got.dtype == torch.bfloat16 and torch.equal(got, kv)
+    assert open_chunk(store.paths(list(range(32)))[0]).dtype == "BF16"
