@@ -45,7 +45,7 @@ from .namespace import NAME_MAX, check_name
 
 log = logging.getLogger("kvfs.direct")
 
-DIRECT_THREADS = 8  # device reads and block stores of direct requests in flight at once
+DIRECT_THREADS = 16  # device reads and block stores of direct requests in flight at once
 MAX_ITEMS = 1 << 20  # files or ranges in one request
 MAX_TIER_ROUNDS = 16  # lookups in the shared tier: a path installs one component a round
 INLINE_BYTES = 64 << 10  # files up to this size are stored by the request's thread itself

@@ -120,6 +120,7 @@ class DirectClient:
         hello = self.request({"op": "hello", "version": VERSION})
         self.readonly = bool(hello.get("readonly"))
         self.max_items = int(hello.get("max_items", 1 << 16))
+        self.threads = int(hello.get("threads", 8))  # the daemon's device reads in flight
 
     def close(self) -> None:
         self.sock.close()

@@ -11,7 +11,8 @@ Protocol (version 1; kvfs-direct(7) is the reference). Every message either way 
 4-byte little-endian length followed by that many bytes of JSON (a request at most
 MAX_REQUEST bytes). Replies are {"ok": true, ...} or {"ok": false, "errno": N, "error": "..."}.
 
-    {"op": "hello", "version": 1}           -> {"version", "block_size", "readonly", "max_items"}
+    {"op": "hello", "version": 1}           -> {"version", "block_size", "readonly", "max_items",
+                                                "threads"}
     {"op": "buffer", "id": N}  + one fd (SCM_RIGHTS): a memfd sealed with F_SEAL_SHRINK
                                             -> {"id", "size"}   (at most MAX_BUFFERS per peer)
     {"op": "unbuffer", "id": N}             -> {}
@@ -40,7 +41,7 @@ import struct
 import tempfile
 import threading
 
-from .direct import MAX_ITEMS, Caller
+from .direct import DIRECT_THREADS, MAX_ITEMS, Caller
 from .errors import KvfsError
 
 log = logging.getLogger("kvfs.direct")
@@ -272,7 +273,7 @@ class DirectServer:
 
     def _op_hello(self, peer, req, fds) -> dict:
         return {"version": VERSION, "block_size": self.wh.block_size, "readonly": self.wh.readonly,
-                "max_items": MAX_ITEMS}
+                "max_items": MAX_ITEMS, "threads": DIRECT_THREADS}
 
     def _op_buffer(self, peer, req, fds) -> dict:
         buf_id = req.get("id")

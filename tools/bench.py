@@ -420,7 +420,7 @@ def run(args) -> int:
             os.makedirs(mount)
             size = max(4 * scale.total, 2 << 30) + (scale.entries * 8192 if "meta" in workloads else 0)
             if "direct-path" in workloads:  # its files, and a Llama-3-8B context (4 GiB at 32K tokens)
-                size += 2 * scale.total + (5 << 30 if scale.total >= 512 * MiB else 512 * MiB)
+                size += (scale.reps + 1) * scale.total + (5 << 30 if scale.total >= 512 * MiB else 512 * MiB)
             subprocess.run([*kvfs, "mkfs", os.path.join(base, "wh"), "--size", str(size)], check=True,
                            capture_output=True)
             subprocess.run([*kvfs, "mount", os.path.join(base, "wh"), mount], check=True, capture_output=True)
