@@ -118,6 +118,10 @@ class _Paths:
         for part in parts:
             if len(part) > NAME_MAX:
                 raise _Refused(errno.ENAMETOOLONG)
+            try:
+                check_name(part)  # (a NUL in a name, say: no FUSE client could name it)
+            except KvfsError as exc:
+                raise _Refused(exc.errno) from None
         return tuple(parts)
 
     def directory(self, parts: tuple, write: bool = False) -> tuple[int, M.Inode]:
@@ -462,7 +466,8 @@ class Direct(Layer):
         for s in live:
             if len(s.data) <= INLINE_BYTES:
                 try:
-                    self._store_block(s, 0)
+                    for idx in range(-(-len(s.data) // self.block_size)):  # (blocks may be 4 KiB)
+                        self._store_block(s, idx)
                 except KvfsError as exc:
                     s.error = exc.errno
         for s, fut in futures:
@@ -583,18 +588,29 @@ class Direct(Layer):
                 effects: list = []
                 touched: list = []
                 try:
-                    self._commit(caller, live, effects, touched)
+                    replaced = self._commit(caller, live, effects, touched)
                     break
                 except _Failed as failed:  # that file fails, the rest is tried again
                     failed.store.error = failed.errno
                     self._drop(failed.store)
                     live.remove(failed.store)
+                except BaseException:  # nothing was published: let go of all of it
+                    for s in live:
+                        s.error = s.error or errno.EIO
+                        self._drop(s)
+                    raise
             else:
                 return
+            held = [p.hash for s in live for p in s.of.changes.values() if p is not None]
+            if replaced:
+                # A file the batch replaced may have been one of its own (a path named twice):
+                # its blocks lost their reference in the same transaction, kept only by
+                # these holds, so letting go settles them (freed if nothing refers to them).
+                self.blocks.release(held)
+            else:
+                for h in held:
+                    self.blocks.unhold(h)
             for s in live:
-                for p in s.of.changes.values():
-                    if p is not None:
-                        self.blocks.unhold(p.hash)
                 s.of.changes.clear()
                 self.policy.settle_quota(s.of, s.of.size)
             self.blocks.apply(effects)
@@ -603,15 +619,19 @@ class Direct(Layer):
         for s in live:
             self.core.published(s.of.ino)
 
-    def _commit(self, caller: Caller, live: list, effects: list, touched: list) -> None:
+    def _commit(self, caller: Caller, live: list, effects: list, touched: list) -> bool:
+        """Publish `live` in one transaction; True if it replaced any file."""
         db = self.meta.db
         t = now_ns()
         dirs = {}
+        replaced = False
         with self.meta.begin(write=True) as txn, self.meta.batch(txn):
             quotas = self.meta.has_quotas(txn)
             for s in live:
                 try:
                     pdir = dirs.get(s.parent) or self.namespace.get_dir(txn, s.parent)
+                    if not caller.may(pdir, W_OK | X_OK):  # (changed since _prepare)
+                        raise _Refused(errno.EACCES)
                     old = self._check_replace(txn, caller, s.parent, pdir, s.parts[-1])
                 except _Refused as exc:
                     raise _Failed(s, exc.errno) from None
@@ -624,6 +644,7 @@ class Direct(Layer):
                     entry_id = M.parse_dentry_val(txn.get(M.dentry_key(s.parent, name), db=db["dentries"]))[1]
                     self.namespace.remove_entry(txn, s.parent, name)
                     self.namespace.drop_link(txn, old, t, effects)
+                    replaced = True
                 inode = self.namespace.new_inode(txn, stat.S_IFREG | s.mode, caller.uid, caller.gid, pdir)
                 self.namespace.add_entry(txn, s.parent, name, inode.ino, entry_id)
                 if quotas:
@@ -646,6 +667,7 @@ class Direct(Layer):
                 self.namespace.touch_dir(txn, pdir, t)
         for s in live:
             self.core.accessed[s.of.ino] = t
+        return replaced
 
     def _drop(self, s: _Store) -> None:
         """A file of the batch failed: what it holds is let go. Under the lock."""

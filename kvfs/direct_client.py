@@ -116,6 +116,7 @@ class DirectClient:
             self.sock.close()
             raise
         self._lock = threading.Lock()
+        self._broken = False
         self._next_id = 1
         hello = self.request({"op": "hello", "version": VERSION})
         self.readonly = bool(hello.get("readonly"))
@@ -150,6 +151,8 @@ class DirectClient:
         body = json.dumps(req, separators=(",", ":")).encode()
         msg = _LEN.pack(len(body)) + body
         with self._lock:
+            if self._broken:
+                raise DirectError(errno.EPIPE, "direct path: the connection was cut off mid-request earlier")
             try:
                 if fds:
                     sent = socket.send_fds(self.sock, [msg], fds)
@@ -158,8 +161,14 @@ class DirectClient:
                     self.sock.sendall(msg)
                 (n,) = _LEN.unpack(self._recv(_LEN.size))
                 reply = json.loads(self._recv(n))
-            except (OSError, ValueError) as exc:
-                raise DirectError(getattr(exc, "errno", None) or errno.EPIPE, f"direct path: {exc}") from None
+            except BaseException as exc:
+                # Whatever came between a request and its reply (an error, a signal): the
+                # stream is out of step, and a later request would read this one's reply.
+                self._broken = True
+                self.sock.close()
+                if isinstance(exc, (OSError, ValueError)):
+                    raise DirectError(getattr(exc, "errno", None) or errno.EPIPE, f"direct path: {exc}") from None
+                raise
         if not reply.get("ok"):
             raise DirectError(reply.get("errno", errno.EIO), reply.get("error", "refused"))
         return reply

@@ -52,6 +52,8 @@ MAX_BUFFERS = 64
 MAX_BUFFER_BYTES = 1 << 40
 MAX_PEERS = 256
 MAX_PEERS_PER_USER = 32  # one user cannot take every connection from the others
+MAX_REFUSING = 16  # peers being told they are not served (a mount without allow_other)
+REFUSE_TIMEOUT_S = 5.0
 _LEN = struct.Struct("<I")
 _CRED = struct.Struct("3i")
 _F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)  # Linux 5.1 (not in Python's fcntl)
@@ -159,6 +161,7 @@ class DirectServer:
         os.chmod(self.path, 0o666)  # anyone may connect; every request is checked
         self._sock.listen(64)
         self._peers: set[_Peer] = set()
+        self._refusing = 0
         self._lock = threading.Lock()
         self._stopping = False
         self._thread = threading.Thread(target=self._accept, name="kvfs-direct-accept", daemon=True)
@@ -207,6 +210,15 @@ class DirectServer:
                     conn.close()
                     continue
                 uid = peer.caller.uid
+                if self.only_uid is not None and uid != self.only_uid:
+                    # Not served at all: told so, without taking a slot from those who are.
+                    if self._refusing < MAX_REFUSING:
+                        self._refusing += 1
+                        threading.Thread(target=self._refuse, args=(peer,), name="kvfs-direct-refuse",
+                                         daemon=True).start()
+                    else:
+                        conn.close()
+                    continue
                 mine = sum(1 for p in self._peers if p.caller.uid == uid)
                 if len(self._peers) >= MAX_PEERS or (uid != 0 and mine >= MAX_PEERS_PER_USER):
                     conn.close()
@@ -215,6 +227,21 @@ class DirectServer:
                     continue
                 self._peers.add(peer)
             threading.Thread(target=self._serve, args=(peer,), name="kvfs-direct-peer", daemon=True).start()
+
+    def _refuse(self, peer: _Peer) -> None:
+        """Answer a peer this mount does not serve: its first request gets EACCES."""
+        try:
+            peer.sock.settimeout(REFUSE_TIMEOUT_S)
+            head = recv_exact(peer.sock, _LEN.size)
+            if head is not None and _LEN.unpack(head)[0] <= MAX_REQUEST:
+                recv_exact(peer.sock, _LEN.unpack(head)[0])
+            send_message(peer.sock, _error(errno.EACCES, "this mount serves only its owner (mount it with -o allow_other)"))
+        except (OSError, ConnectionError):
+            pass
+        finally:
+            peer.close()
+            with self._lock:
+                self._refusing -= 1
 
     def _serve(self, peer: _Peer) -> None:
         try:

@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import struct
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -106,6 +107,9 @@ class KVStore:
         self._pid = os.getpid()
         self._staging = None
         self._outputs: list = []
+        # One caller at a time on the direct path: its staging memory and result buffers are
+        # shared by every call (a connector's writer thread and its loader, say).
+        self._lock = threading.RLock()
         if self.direct:
             from .direct_client import connect
 
@@ -135,11 +139,12 @@ class KVStore:
 
     def empty(self, shape, dtype) -> np.ndarray:
         """An array in memory shared with the daemon, for load(out=...) (direct path)."""
-        if self._client is None:
-            raise ValueError("empty() needs the direct path (this store uses file I/O)")
-        dtype = np.dtype(dtype)
-        buf = self._new_buffer(max(1, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize))
-        return np.ndarray(tuple(shape), dtype=dtype, buffer=buf.mm)
+        with self._lock:
+            if self._client is None:
+                raise ValueError("empty() needs the direct path (this store uses file I/O)")
+            dtype = np.dtype(dtype)
+            buf = self._new_buffer(max(1, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize))
+            return np.ndarray(tuple(shape), dtype=dtype, buffer=buf.mm)
 
     KEPT_OUTPUTS = 8  # result buffers kept registered for load(out=...); older ones are let go
 
@@ -160,6 +165,13 @@ class KVStore:
 
     def close(self) -> None:
         """Let go of the direct path's connection and shared memory (also done at exit)."""
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        if self._pid != os.getpid():  # a forked child: all of it is its parent's
+            self._pid, self._conn, self._staging, self._outputs = os.getpid(), None, None, []
+            return
         for buf in getattr(self, "_outputs", []):
             buf.close()
         self._outputs = []
@@ -172,7 +184,7 @@ class KVStore:
 
     def _fall_back(self, exc: Exception) -> None:
         log.warning("kvfs.kv: the direct path failed (%s); using file I/O from now on", exc)
-        self.close()
+        self._close()
 
     def _staging_buffer(self, size: int):
         if self._staging is None or self._staging.size < size:
@@ -234,14 +246,15 @@ class KVStore:
                     "chunk_index": str(i), "chunk_tokens": str(self.chunk_tokens),
                     "chain": h.hex(), "parent": chain[i - 1].hex() if i else ""}
             todo.append((paths[i], tensors, meta, kv_dtype))
-        if todo and self._client is not None:
-            try:
-                self._store_direct(todo)
-                return paths
-            except OSError as exc:
-                if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
-                    raise  # file I/O would fail alike
-                self._fall_back(exc)
+        with self._lock:
+            if todo and self._client is not None:
+                try:
+                    self._store_direct(todo)
+                    return paths
+                except OSError as exc:
+                    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+                        raise  # file I/O would fail alike
+                    self._fall_back(exc)
         for path, tensors, meta, st_dtype in todo:
             _write_atomic(path, tensors, meta, st_dtype)
         return paths
@@ -280,11 +293,12 @@ class KVStore:
     def exists(self, chain: list[bytes]) -> list[bool]:
         """Which of these chunks are stored: one round trip on a kvfs mount."""
         paths = [self.path(h) for h in chain]
-        if self._client is not None and paths:
-            try:
-                return [n >= 0 for n in self._client.lookup(paths)]
-            except OSError as exc:
-                self._fall_back(exc)
+        with self._lock:
+            if self._client is not None and paths:
+                try:
+                    return [n >= 0 for n in self._client.lookup(paths)]
+                except OSError as exc:
+                    self._fall_back(exc)
         if self._lookup_file and paths:
             try:
                 return _batch_exists(self._lookup_file, self.root, paths)
@@ -321,15 +335,16 @@ class KVStore:
         into it directly. Fresh memory costs the kernel a page allocation per 4 KiB (about
         as much as the read): a caller loading again passes `out`, an array from empty() or
         an earlier load, and the bytes land there (out[:, :, :tokens])."""
-        if out is not None and self._client is None:
-            raise ValueError("out= needs the direct path (this store uses file I/O)")
-        if self._client is not None:
-            try:
-                got = self._load_direct(tokens, framework, device, out)
-                if got is not None:
-                    return got
-            except OSError as exc:
-                self._fall_back(exc)
+        with self._lock:
+            if out is not None and self._client is None:
+                raise ValueError("out= needs the direct path (this store uses file I/O)")
+            if self._client is not None:
+                try:
+                    got = self._load_direct(tokens, framework, device, out)
+                    if got is not None:
+                        return got
+                except OSError as exc:
+                    self._fall_back(exc)
         chunks = self.load_chunks(tokens)
         if not chunks:
             return 0, None
@@ -430,7 +445,9 @@ def _layout(tensors: dict, meta: dict, kv_dtype: str) -> tuple[bytes, dict, int]
     """A safetensors file's layout: (its first 8 + header bytes, name -> (start, end) of
     the data after them, file size). Tensors lie in the dict's order, contiguous."""
     entries, offsets, pos = {}, {}, 0
-    for name, t in tensors.items():
+    # The token ids go last: the layer tensors (whole multiples of 4 KiB in any chunk big
+    # enough to be aligned) then all start aligned after the padded header.
+    for name, t in sorted(tensors.items(), key=lambda kv: kv[0] == "tokens"):
         n = t.size * t.dtype.itemsize
         dtype = "U32" if name == "tokens" else kv_dtype
         entries[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [pos, pos + n]}
@@ -528,59 +545,64 @@ class _DirectLoad:
         out = shape = None
         ct = st.chunk_tokens
         gpu = None
-        w0 = 0
-        while w0 < n:
-            window = range(w0, min(n, w0 + per))
-            heads = c.read([(paths[i], 0, min(sizes[i], bs), staging, (i - w0) * bs) for i in window])
-            layouts = []
-            for k, i in enumerate(window):
-                layout = None
-                if heads[k] == min(sizes[i], bs):
-                    layout = _parse_head(staging.mm, k * bs, heads[k], sizes[i], ct)
-                if layout is None or (shape is not None and layout[0] != shape):
-                    if i == 0:
-                        return None  # not a layout read here: file I/O reads it
-                    n = i  # evicted meanwhile, or another layout: the prefix ends here
-                    break
-                shape = layout[0]
-                layouts.append(layout)
-            if out is None:
-                layers, dtype, rest, st_dtype = shape
-                total = n * ct
-                if into is not None:
-                    if into.shape[:2] != (layers, 2) or into.shape[3:] != rest or into.dtype != dtype \
-                            or into.shape[2] < total:
-                        raise ValueError(f"out is shaped {into.shape} ({into.dtype}); this context needs "
-                                         f"{(layers, 2, total, *rest)} ({dtype})")
-                    out, outbuf = into[:, :, :total], st._buffer_of(into)
-                    if outbuf is None or not into.flags.c_contiguous:
-                        raise ValueError("out must be a whole array from KVStore.empty() or an earlier load")
-                else:
-                    row = int(np.prod(rest, dtype=np.int64)) * dtype.itemsize
-                    outbuf = st._new_buffer(max(1, layers * 2 * total * row))
-                    out = np.ndarray((layers, 2, total, *rest), dtype=dtype, buffer=outbuf.mm)
-                origin = _address(outbuf)
-                if device is not None:
-                    gpu = _Gpu(out, device, st_dtype, (origin, outbuf.size))
-            items, owners = [], []
-            for k, (i, (_, tensors)) in enumerate(zip(window, layouts)):
-                for (layer, half), (start, end) in tensors.items():
-                    dest = out[layer, half, i * ct:(i + 1) * ct]
-                    flat = dest.reshape(-1).view(np.uint8)
-                    split = min(max(start, bs), end)  # what lies in the first block is in staging
-                    if split > start:
-                        flat[:split - start] = np.frombuffer(staging.mm, np.uint8, split - start, k * bs + start)
-                    if end > split:
-                        base = flat.ctypes.data - origin
-                        items.append((paths[i], split, end - split, outbuf, base + split - start))
-                        owners.append(i)
-            if items:
-                for i, r, item in zip(owners, c.read(items), items):
-                    if r != item[2]:
-                        n = min(n, i)
+        try:
+            w0 = 0
+            while w0 < n:
+                window = range(w0, min(n, w0 + per))
+                heads = c.read([(paths[i], 0, min(sizes[i], bs), staging, (i - w0) * bs) for i in window])
+                layouts = []
+                for k, i in enumerate(window):
+                    layout = None
+                    if heads[k] == min(sizes[i], bs):
+                        layout = _parse_head(staging.mm, k * bs, heads[k], sizes[i], ct)
+                    if layout is None or (shape is not None and layout[0] != shape):
+                        if i == 0:
+                            return None  # not a layout read here: file I/O reads it
+                        n = i  # evicted meanwhile, or another layout: the prefix ends here
+                        break
+                    shape = layout[0]
+                    layouts.append(layout)
+                if out is None:
+                    layers, dtype, rest, st_dtype = shape
+                    total = n * ct
+                    if into is not None:
+                        if into.shape[:2] != (layers, 2) or into.shape[3:] != rest or into.dtype != dtype \
+                                or into.shape[2] < total:
+                            raise ValueError(f"out is shaped {into.shape} ({into.dtype}); this context needs "
+                                             f"{(layers, 2, total, *rest)} ({dtype})")
+                        out, outbuf = into[:, :, :total], st._buffer_of(into)
+                        if outbuf is None or not into.flags.c_contiguous:
+                            raise ValueError("out must be a whole array from KVStore.empty() or an earlier load")
+                    else:
+                        row = int(np.prod(rest, dtype=np.int64)) * dtype.itemsize
+                        outbuf = st._new_buffer(max(1, layers * 2 * total * row))
+                        out = np.ndarray((layers, 2, total, *rest), dtype=dtype, buffer=outbuf.mm)
+                    origin = _address(outbuf)
+                    if device is not None:
+                        gpu = _Gpu(out, device, st_dtype, (origin, outbuf.size))
+                items, owners = [], []
+                for k, (i, (_, tensors)) in enumerate(zip(window, layouts)):
+                    for (layer, half), (start, end) in tensors.items():
+                        dest = out[layer, half, i * ct:(i + 1) * ct]
+                        flat = dest.reshape(-1).view(np.uint8)
+                        split = min(max(start, bs), end)  # what lies in the first block is in staging
+                        if split > start:
+                            flat[:split - start] = np.frombuffer(staging.mm, np.uint8, split - start, k * bs + start)
+                        if end > split:
+                            base = flat.ctypes.data - origin
+                            items.append((paths[i], split, end - split, outbuf, base + split - start))
+                            owners.append(i)
+                if items:
+                    for i, r, item in zip(owners, c.read(items), items):
+                        if r != item[2]:
+                            n = min(n, i)
+                if gpu is not None:
+                    gpu.copy(w0 * ct, min(n, window.stop) * ct)
+                w0 = window.stop
+        except BaseException:
             if gpu is not None:
-                gpu.copy(w0 * ct, min(n, window.stop) * ct)
-            w0 = window.stop
+                gpu.close()  # (copies in flight end, the memory is unpinned)
+            raise
         kv = out if n * ct == out.shape[2] else out[:, :, :n * ct]
         if gpu is not None:
             return n * ct, gpu.finish(n * ct)
@@ -630,11 +652,16 @@ class _Gpu:
         with self.torch.cuda.stream(self.stream):
             self.dev[:, :, lo:hi].copy_(self.host[:, :, lo:hi], non_blocking=self.pinned)
 
-    def finish(self, tokens: int):
+    def close(self) -> None:
+        """Wait for the copies in flight and unpin the memory (once)."""
         if self.stream is not None:
             self.stream.synchronize()
         if self.pinned:
             self.torch.cuda.cudart().cudaHostUnregister(self.region[0])
+            self.pinned = False
+
+    def finish(self, tokens: int):
+        self.close()
         return self.dev[:, :, :tokens]
 
 
@@ -674,10 +701,14 @@ def _parse_header(mm, at: int, got: int, size: int, ct: int):
             return None
         shape = this
         start, end = t["data_offsets"]
+        want = int(np.prod(t["shape"], dtype=np.int64)) * np.dtype(dtype).itemsize
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start and end - start == want):
+            return None  # its bytes are not its shape's: file I/O (and its checks) read it
         tensors[(int(parts[1]), int(parts[2] == "v"))] = (8 + n + start, 8 + n + end)
     layers = len(tensors) // 2
     if not layers or set(tensors) != {(l, h) for l in range(layers) for h in (0, 1)}:
         return None
-    if any(end > size for _, end in tensors.values()):
-        return None
+    ranges = sorted(tensors.values())
+    if ranges[-1][1] > size or any(a[1] > b[0] for a, b in zip(ranges, ranges[1:])):
+        return None  # past the file, or overlapping
     return (layers, shape[0], shape[1], shape[2]), tensors

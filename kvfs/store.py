@@ -13,6 +13,7 @@ in-memory map only after reads that might still be using them have finished.
 
 import errno
 import fcntl
+import logging
 import os
 import stat
 import struct
@@ -29,6 +30,8 @@ DATA_START = 1 << 20  # header area; also keeps data extents 1 MiB-aligned at th
 _MAGIC = b"KVFSDEV1"
 _HEADER = struct.Struct(">8s16sHQ")  # magic, warehouse uuid, device index, size
 BLKGETSIZE64 = 0x80081272
+
+log = logging.getLogger("kvfs.store")
 
 
 def round_up(n: int, unit: int = ALLOC_UNIT) -> int:
@@ -197,6 +200,7 @@ class Device:
         self.size = size
         self.dfd: int | None = None  # opened O_DIRECT, for the direct path (_odirect_fd)
         self._dfd_lock = threading.Lock()
+        self._retired: list[int] = []
         flags = os.O_RDONLY if readonly else os.O_RDWR
         try:
             self.fd = os.open(path, flags | os.O_CLOEXEC)
@@ -265,7 +269,19 @@ class Device:
                 unsynced = list(self._unsynced.items()) if self._unsynced else None
             elif odirect:
                 fd = self._odirect_fd()
-            n = os.preadv(fd, views, offset) if length else 0
+            try:
+                n = os.preadv(fd, views, offset) if length else 0
+            except OSError as exc:
+                if fd == self.fd or exc.errno != errno.EINVAL:
+                    raise
+                # The device took O_DIRECT at open but not this alignment: page cache from now on.
+                log.warning("device %d (%s) refuses O_DIRECT reads (%s): reading through the page cache",
+                            self.index, self.path, exc.strerror)
+                with self._dfd_lock:
+                    if self.dfd != self.fd:  # (closed with the device: another read may use it now)
+                        self._retired.append(self.dfd)
+                        self.dfd = self.fd
+                n = os.preadv(self.fd, views, offset)
             if unsynced and n == length:
                 data = self._overlay(b"".join(bytes(v) for v in views), offset, unsynced)
                 pos = 0
@@ -360,7 +376,9 @@ class Device:
     def close(self) -> None:
         if self.dfd is not None and self.dfd != self.fd:
             os.close(self.dfd)
-        self.dfd = None
+        for fd in self._retired:
+            os.close(fd)
+        self._retired, self.dfd = [], None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -335,3 +335,54 @@ def test_file_io_loads_bf16_as_bfloat16(tmp_path):
     n, got = store.load(list(range(32)), framework="pt")
     assert n == 32 and got.dtype == torch.bfloat16 and torch.equal(got, kv)
     assert open_chunk(store.paths(list(range(32)))[0]).dtype == "BF16"
+
+
+def test_one_store_shared_by_a_writer_thread_and_a_loader(mnt):
+    """A connector stores from one thread and loads from another through one KVStore: they
+    share its staging memory, so they take turns; every load is right and every chunk
+    stored reads back as it was given."""
+    import threading
+
+    s = KVStore(mnt.p("kv"), "threads", chunk_tokens=16)
+    base = np.arange(256) + 11
+    kv = kv_for(base, layers=2, heads=4, dim=64)
+    s.store(base, kv)
+    errors = []
+
+    def writer():
+        try:
+            for i in range(30):
+                t = np.arange(64) + 100_000 + i * 64
+                s.store(t, kv_for(t, layers=2, heads=4, dim=64, seed=i))
+        except Exception as exc:  # (an assert in a thread would only warn)
+            errors.append(exc)
+
+    th = threading.Thread(target=writer)
+    th.start()
+    for _ in range(30):
+        n, got = s.load(base)
+        if n != 256 or not np.array_equal(got, kv):
+            errors.append("a load returned other bytes")
+    th.join()
+    assert errors == []
+    for i in range(30):
+        t = np.arange(64) + 100_000 + i * 64
+        n, got = KVStore(mnt.p("kv"), "threads", chunk_tokens=16, direct=False).load(t)
+        assert n == 64 and np.array_equal(got, kv_for(t, layers=2, heads=4, dim=64, seed=i)), i
+
+
+def test_a_forked_child_closing_its_store_leaves_the_parents_alone(mnt):
+    s = KVStore(mnt.p("kv"), "forkclose", chunk_tokens=16)
+    tokens = np.arange(32) + 3
+    kv = kv_for(tokens)
+    s.store(tokens, kv)
+    n, first = s.load(tokens)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            s.close()  # (before anything else: nothing of it may reach the parent's connection)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    n, again = s.load(tokens, out=first)
+    assert n == 32 and np.array_equal(again, kv) and s.uses_direct_path
