@@ -313,13 +313,23 @@ class Direct(Layer):
         inos: dict[int, int] = {}
         remote = []
         t = now_ns()
+        files: dict = {}  # path -> inode or _Refused: a file's ranges resolve it once
         with self.core.lock, self.meta.begin() as txn:
             resolver = _Paths(self.namespace, txn, caller)
             for i, (path, offset, length, dest) in enumerate(items):
                 try:
                     if offset < 0 or length < 0 or offset > MAX_FILE_SIZE:
                         raise _Refused(errno.EINVAL)
-                    inode = resolver.file(resolver.split(path), R_OK)
+                    inode = files.get(path) if isinstance(path, str) else None
+                    if inode is None:
+                        try:
+                            inode = resolver.file(resolver.split(path), R_OK)
+                        except _Refused as exc:
+                            inode = exc
+                        if isinstance(path, str):
+                            files[path] = inode
+                    if isinstance(inode, _Refused):
+                        raise inode
                 except _Refused as exc:
                     results[i] = -exc.errno
                     if exc.missing is not None and misses is not None:

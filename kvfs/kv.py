@@ -518,10 +518,11 @@ def _batch_exists(lookup_file: str, root: str, paths: list[str]) -> list[bool]:
 
 
 class _DirectLoad:
-    """KVStore.load on the direct path (see KVStore._load_direct). Chunks are taken in
-    windows of STAGING_BYTES of first blocks: one request reads their first blocks (the
-    safetensors headers and the first tensors) into staging memory, one reads every other
-    tensor byte straight into its place in the result."""
+    """KVStore.load on the direct path (see KVStore._load_direct). First the chunks' first
+    blocks (their safetensors headers and first tensor bytes) are read into staging memory,
+    a staging buffer's worth per request; then every other tensor byte is read straight
+    into its place in the result: in one request, or for a device in windows of about
+    WINDOW_BYTES, each copied on while the next is read."""
 
     def __init__(self, store: KVStore, client):
         self.store = store
@@ -538,19 +539,17 @@ class _DirectLoad:
         n = next((i for i, s in enumerate(sizes) if s < 0), len(sizes))
         if n == 0:
             return 0, None
-        # Windows of about WINDOW_BYTES of chunks (at most a staging buffer of first blocks):
-        # a device copy of one overlaps the reads of the next.
-        per = max(1, min(STAGING_BYTES // bs, WINDOW_BYTES // max(1, sizes[0])))
-        staging = st._staging_buffer(per * bs)
-        out = shape = None
+        per = max(1, STAGING_BYTES // bs)
+        staging = st._staging_buffer(min(n, per) * bs)
+        out = shape = outbuf = None
         ct = st.chunk_tokens
         gpu = None
+        items: list = []  # per chunk: [(path, file offset, length, buffer, buffer offset)]
         try:
             w0 = 0
-            while w0 < n:
+            while w0 < n:  # the first blocks, a staging buffer's worth at a time
                 window = range(w0, min(n, w0 + per))
                 heads = c.read([(paths[i], 0, min(sizes[i], bs), staging, (i - w0) * bs) for i in window])
-                layouts = []
                 for k, i in enumerate(window):
                     layout = None
                     if heads[k] == min(sizes[i], bs):
@@ -561,44 +560,24 @@ class _DirectLoad:
                         n = i  # evicted meanwhile, or another layout: the prefix ends here
                         break
                     shape = layout[0]
-                    layouts.append(layout)
-                if out is None:
-                    layers, dtype, rest, st_dtype = shape
-                    total = n * ct
-                    if into is not None:
-                        if into.shape[:2] != (layers, 2) or into.shape[3:] != rest or into.dtype != dtype \
-                                or into.shape[2] < total:
-                            raise ValueError(f"out is shaped {into.shape} ({into.dtype}); this context needs "
-                                             f"{(layers, 2, total, *rest)} ({dtype})")
-                        out, outbuf = into[:, :, :total], st._buffer_of(into)
-                        if outbuf is None or not into.flags.c_contiguous:
-                            raise ValueError("out must be a whole array from KVStore.empty() or an earlier load")
-                    else:
-                        row = int(np.prod(rest, dtype=np.int64)) * dtype.itemsize
-                        outbuf = st._new_buffer(max(1, layers * 2 * total * row))
-                        out = np.ndarray((layers, 2, total, *rest), dtype=dtype, buffer=outbuf.mm)
-                    origin = _address(outbuf)
-                    if device is not None:
-                        gpu = _Gpu(out, device, st_dtype, (origin, outbuf.size))
-                items, owners = [], []
-                for k, (i, (_, tensors)) in enumerate(zip(window, layouts)):
-                    for (layer, half), (start, end) in tensors.items():
-                        dest = out[layer, half, i * ct:(i + 1) * ct]
-                        flat = dest.reshape(-1).view(np.uint8)
-                        split = min(max(start, bs), end)  # what lies in the first block is in staging
-                        if split > start:
-                            flat[:split - start] = np.frombuffer(staging.mm, np.uint8, split - start, k * bs + start)
-                        if end > split:
-                            base = flat.ctypes.data - origin
-                            items.append((paths[i], split, end - split, outbuf, base + split - start))
-                            owners.append(i)
-                if items:
-                    for i, r, item in zip(owners, c.read(items), items):
+                    if out is None:
+                        out, outbuf = self._result(shape, n * ct, into)
+                        if device is not None:
+                            gpu = _Gpu(out, device, shape[3], (_address(outbuf), outbuf.size))
+                    items.append(self._place(out, outbuf, staging, k * bs, i, paths[i], layout[1]))
+                w0 = window.stop
+            # The rest of every chunk, straight into the result.
+            step = n if gpu is None else max(1, WINDOW_BYTES // max(1, sizes[0]))
+            for w0 in range(0, n, step):
+                window = range(w0, min(n, w0 + step))
+                batch = [(i, item) for i in window for item in items[i]]
+                for lo in range(0, len(batch), c.max_items):
+                    part = batch[lo:lo + c.max_items]
+                    for (i, item), r in zip(part, c.read([item for _, item in part])):
                         if r != item[2]:
-                            n = min(n, i)
+                            n = min(n, i)  # evicted or damaged meanwhile: the prefix ends before it
                 if gpu is not None:
                     gpu.copy(w0 * ct, min(n, window.stop) * ct)
-                w0 = window.stop
         except BaseException:
             if gpu is not None:
                 gpu.close()  # (copies in flight end, the memory is unpinned)
@@ -609,6 +588,37 @@ class _DirectLoad:
         if framework == "pt":
             return n * ct, _torch(kv, shape[3])
         return n * ct, kv  # (BF16: its raw 16-bit words, which numpy cannot hold as bf16)
+
+    def _result(self, shape, total: int, into):
+        """(the result array for `total` tokens, the shared buffer it lies in)."""
+        st = self.store
+        layers, dtype, rest, _ = shape
+        if into is not None:
+            if into.shape[:2] != (layers, 2) or into.shape[3:] != rest or into.dtype != dtype \
+                    or into.shape[2] < total:
+                raise ValueError(f"out is shaped {into.shape} ({into.dtype}); this context needs "
+                                 f"{(layers, 2, total, *rest)} ({dtype})")
+            outbuf = st._buffer_of(into)
+            if outbuf is None or not into.flags.c_contiguous:
+                raise ValueError("out must be a whole array from KVStore.empty() or an earlier load")
+            return into[:, :, :total], outbuf
+        row = int(np.prod(rest, dtype=np.int64)) * dtype.itemsize
+        outbuf = st._new_buffer(max(1, layers * 2 * total * row))
+        return np.ndarray((layers, 2, total, *rest), dtype=dtype, buffer=outbuf.mm), outbuf
+
+    def _place(self, out, outbuf, staging, at: int, i: int, path: str, tensors: dict) -> list:
+        """Put chunk i's bytes that the staging memory holds (its first block, at `at`) in
+        place in the result; the read items for the rest of them."""
+        bs, ct, origin = self.bs, self.store.chunk_tokens, _address(outbuf)
+        items = []
+        for (layer, half), (start, end) in tensors.items():
+            flat = out[layer, half, i * ct:(i + 1) * ct].reshape(-1).view(np.uint8)
+            split = min(max(start, bs), end)  # what lies in the first block is in staging
+            if split > start:
+                flat[:split - start] = np.frombuffer(staging.mm, np.uint8, split - start, at + start)
+            if end > split:
+                items.append((path, split, end - split, outbuf, flat.ctypes.data - origin + split - start))
+        return items
 
 
 def _address(buf) -> int:

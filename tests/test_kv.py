@@ -295,8 +295,13 @@ def test_big_chunks_are_aligned_and_loaded_past_the_page_cache(mnt, monkeypatch)
     assert got == 256 and out.tobytes() == kv.tobytes()
     import kvfs.kv
 
-    monkeypatch.setattr(kvfs.kv, "WINDOW_BYTES", 1)  # a window per chunk: the same bytes
     got, out = s.load(tokens, out=out)
+    assert got == 256 and out.tobytes() == kv.tobytes()
+    monkeypatch.setattr(kvfs.kv, "WINDOW_BYTES", 1)  # a device copy per chunk: the same bytes
+    got, on_dev = s.load(tokens, device="cpu")
+    assert got == 256 and on_dev.numpy().tobytes() == kv.tobytes()
+    monkeypatch.setattr(kvfs.kv, "STAGING_BYTES", 1)  # first blocks a chunk at a time too
+    got, out = s.load(tokens)
     assert got == 256 and out.tobytes() == kv.tobytes()
     st = json.load(open(mnt.p(".kvfs", "stats.json")))["counters"]
     assert st.get("direct_unbuffered_reads", 0) > 0, st
