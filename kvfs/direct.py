@@ -103,6 +103,7 @@ class _Paths:
         self.txn = txn
         self.caller = caller
         self._checked: dict[tuple, tuple | _Refused] = {}
+        self._split: dict[str, tuple] = {}  # directory part of a path -> its checked parts
 
     @staticmethod
     def split(path) -> tuple:
@@ -123,6 +124,9 @@ class _Paths:
             except KvfsError as exc:
                 raise _Refused(exc.errno) from None
         return tuple(parts)
+
+    def parts(self, path) -> tuple:
+        return _split_cached(path, self._split)
 
     def directory(self, parts: tuple, write: bool = False) -> tuple[int, M.Inode]:
         """(ino, inode) of the directory `parts`, which the caller may search (and, with
@@ -173,6 +177,19 @@ class _Paths:
         if not self.caller.may(inode, want):
             raise _Refused(errno.EACCES)
         return inode
+
+
+def _split_cached(path, cache: dict) -> tuple:
+    """_Paths.split(path), the directory part of it checked once per batch (`cache`): many
+    files of a batch share a directory."""
+    if isinstance(path, str) and "/" in path:
+        head, _, name = path.rpartition("/")
+        if name and name not in (".", "..", ".kvfs"):
+            dir_parts = cache.get(head)
+            if dir_parts is None:
+                dir_parts = cache[head] = _Paths.split(head + "/x")[:-1]
+            return dir_parts + _Paths.split(name)
+    return _Paths.split(path)
 
 
 class _Store:
@@ -233,7 +250,7 @@ class Direct(Layer):
             resolver = _Paths(self.namespace, txn, caller)
             for path in paths:
                 try:
-                    inode = resolver.file(resolver.split(path), 0)
+                    inode = resolver.file(resolver.parts(path), 0)
                 except _Refused as exc:
                     out.append(-exc.errno)
                     if exc.missing is not None:
@@ -323,7 +340,7 @@ class Direct(Layer):
                     inode = files.get(path) if isinstance(path, str) else None
                     if inode is None:
                         try:
-                            inode = resolver.file(resolver.split(path), R_OK)
+                            inode = resolver.file(resolver.parts(path), R_OK)
                         except _Refused as exc:
                             inode = exc
                         if isinstance(path, str):
@@ -454,6 +471,7 @@ class Direct(Layer):
         self.core.check_writable()
         todo = []
         results = [0] * len(items)
+        dirs: dict = {}
         for i, (path, data, mode) in enumerate(items):
             try:
                 if not isinstance(mode, int) or mode & ~0o7777:
@@ -462,7 +480,7 @@ class Direct(Layer):
                     mode &= ~0o6000  # no set-id bits from a store (the kernel strips them too)
                 if len(data) > MAX_FILE_SIZE:
                     raise _Refused(errno.EFBIG)
-                todo.append(_Store(i, _Paths.split(path), data, mode))
+                todo.append(_Store(i, _split_cached(path, dirs), data, mode))
             except _Refused as exc:
                 results[i] = -exc.errno
         # Directories made on the way: the kernel may hold a cached miss of their names

@@ -131,12 +131,18 @@ class _Peer:
         self.buffers.clear()
         self.sock.close()
 
-    def view(self, buf_id, offset, length) -> memoryview | None:
-        """The buffer range, or None if it is not inside a registered buffer."""
-        mm = self.buffers.get(buf_id)
-        if mm is None or offset < 0 or length < 0 or offset + length > len(mm):
+    def view(self, buf_id, offset, length, views: dict) -> memoryview | None:
+        """The buffer range, or None if it is not inside a registered buffer. views: the
+        request's memoryviews of whole buffers (one each; released after the request)."""
+        whole = views.get(buf_id)
+        if whole is None:
+            mm = self.buffers.get(buf_id)
+            if mm is None:
+                return None
+            whole = views[buf_id] = memoryview(mm)
+        if offset < 0 or length < 0 or offset + length > len(whole):
             return None
-        return memoryview(mm)[offset:offset + length]
+        return whole[offset:offset + length]
 
 
 class DirectServer:
@@ -349,11 +355,11 @@ class DirectServer:
 
     def _op_read(self, peer, req, fds) -> dict:
         items = _items(req, 5)
-        work, where, results = [], [], [0] * len(items)
+        work, where, results, views = [], [], [0] * len(items), {}
         for i, (path, offset, length, buf_id, buf_off) in enumerate(items):
             if not all(_is_int(v) for v in (offset, length, buf_id, buf_off)):
                 raise _Bad(errno.EINVAL, "a read item is [path, offset, length, buffer id, buffer offset]")
-            view = peer.view(buf_id, buf_off, length)
+            view = peer.view(buf_id, buf_off, length, views)
             if view is None:
                 results[i] = -errno.EFAULT
                 continue
@@ -363,17 +369,16 @@ class DirectServer:
             for i, r in zip(where, self.wh.direct.read(peer.caller, work)):
                 results[i] = r
         finally:
-            for *_, view in work:
-                view.release()
+            _release(work, views)
         return {"results": results}
 
     def _op_write(self, peer, req, fds) -> dict:
         items = _items(req, 5)
-        work, where, results = [], [], [0] * len(items)
+        work, where, results, views = [], [], [0] * len(items), {}
         for i, (path, buf_id, buf_off, length, mode) in enumerate(items):
             if not all(_is_int(v) for v in (buf_id, buf_off, length, mode)):
                 raise _Bad(errno.EINVAL, "a write item is [path, buffer id, buffer offset, length, mode]")
-            view = peer.view(buf_id, buf_off, length)
+            view = peer.view(buf_id, buf_off, length, views)
             if view is None:
                 results[i] = -errno.EFAULT
                 continue
@@ -385,9 +390,19 @@ class DirectServer:
             for i, r in zip(where, done):
                 results[i] = r
         finally:
-            for _, view, _ in work:
-                view.release()
+            _release(work, views)
         return {"results": results}
+
+
+def _release(work: list, views: dict) -> None:
+    """Let go of a request's views of its peer's buffers (a buffer with views cannot be
+    unmapped)."""
+    for item in work:
+        for v in item:
+            if isinstance(v, memoryview):
+                v.release()
+    for v in views.values():
+        v.release()
 
 
 def _is_int(v) -> bool:

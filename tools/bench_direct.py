@@ -96,20 +96,22 @@ def run(bench, drop_caches, Row) -> None:
     base = os.path.join(mount, f"direct-{os.getpid()}")
 
     # Stores: one request for all files, durable at the reply; against pwrite + fdatasync of
-    # the same bytes, alternating (this disk's write speed wanders). Earlier repetitions'
-    # files are other bytes (no dedup); the last one's are what the reads below read.
+    # the same bytes, alternating (this disk's write speed wanders).
     raw_ws, direct_ws = [], []
     reps = max(1, scale.reps)
     for rep in range(reps):
-        if rep < reps - 1:
+        # The first repetition stores `data` (what the reads below read: the first extents
+        # of the device, which the raw reads read too); later ones other bytes (no dedup).
+        buf.mm[:total] = data
+        if rep:
             view = np.frombuffer(buf.mm, np.uint64, total // 8)
-            view ^= np.uint64(rep + 1)  # other bytes, every block unique still
+            view ^= np.uint64(rep)
             del view
-        else:
-            buf.mm[:total] = data
         os.sync()
-        items = [(os.path.join(base if rep == reps - 1 else f"{base}-{rep}", f"f{i:04d}"), buf, i * size, size, 0o644)
+        items = [(os.path.join(base if rep == 0 else f"{base}-{rep}", f"f{i:04d}"), buf, i * size, size, 0o644)
                  for i in range(count)]
+        if rep == 0:
+            first_items = items
 
         def direct_store():
             t = time.perf_counter()
@@ -122,6 +124,7 @@ def run(bench, drop_caches, Row) -> None:
 
         for side in ((raw_store, direct_store) if rep % 2 == 0 else (direct_store, raw_store)):
             (raw_ws if side is raw_store else direct_ws).append(side())
+    items = first_items
     bench.add(f"store {count} x 32 MiB, direct path (one request, synced)", "GB/s",
               {"raw": raw_ws, "kvfs": direct_ws}, target=0.8, note=f"raw: pwrite+fdatasync, {THREADS} threads")
 
