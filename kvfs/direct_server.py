@@ -40,6 +40,7 @@ import stat
 import struct
 import tempfile
 import threading
+import time
 
 from .direct import DIRECT_THREADS, MAX_ITEMS, Caller
 from .errors import KvfsError
@@ -157,7 +158,7 @@ class DirectServer:
         prefix = f"kvfs-direct-{wh.sb['uuid'][:8]}-"
         base = runtime_dir or tempfile.gettempdir()
         for name in os.listdir(base):
-            if name.startswith(prefix):
+            if name.startswith(prefix) or (name.startswith("kvfs-direct-") and _abandoned(os.path.join(base, name))):
                 shutil.rmtree(os.path.join(base, name), ignore_errors=True)
         self.dir = tempfile.mkdtemp(prefix=prefix, dir=base)
         os.chmod(self.dir, 0o711)  # others may reach the socket, not list the directory
@@ -403,6 +404,25 @@ def _release(work: list, views: dict) -> None:
                 v.release()
     for v in views.values():
         v.release()
+
+
+def _abandoned(path: str) -> bool:
+    """Whether socket directory `path` is another warehouse's that no daemon serves any
+    more (killed): its socket refuses connections, and it is not one being set up now."""
+    try:
+        if time.time() - os.stat(path).st_mtime < 60:
+            return False
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(0.5)
+            probe.connect(os.path.join(path, "socket"))
+            return False
+        finally:
+            probe.close()
+    except (ConnectionRefusedError, FileNotFoundError):
+        return True
+    except OSError:
+        return False
 
 
 def _is_int(v) -> bool:

@@ -903,3 +903,40 @@ def test_names_no_client_could_use_are_refused(tmp_path):
         assert w.readdir(M.ROOT_INO, 0) == []
     finally:
         w.close()
+
+
+def test_socket_directories_of_killed_daemons_are_cleared_and_live_ones_kept(tmp_path):
+    """A daemon killed with -9 leaves its socket's directory; the next daemon to start
+    clears those no daemon serves (their sockets refuse connections), not live ones."""
+    from kvfs.direct_server import DirectServer
+
+    run = tmp_path / "run"
+    run.mkdir()
+    old = time.time() - 3600
+
+    def socket_dir(name, listen):
+        d = run / name
+        d.mkdir()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(str(d / "socket"))
+        if listen:
+            s.listen(1)
+        else:
+            s.close()
+        os.utime(d, (old, old))
+        return d, s
+
+    dead, _ = socket_dir("kvfs-direct-0badc0de-dead", listen=False)
+    live, live_sock = socket_dir("kvfs-direct-0badc0de-live", listen=True)
+    other = run / "unrelated"
+    other.mkdir()
+    path, w, _ = _engine(tmp_path)
+    server = DirectServer(w, runtime_dir=str(run))
+    try:
+        assert not dead.exists() and live.exists() and other.exists()
+        assert os.path.dirname(server.path).startswith(str(run / "kvfs-direct-"))
+    finally:
+        server.stop()
+        live_sock.close()
+        w.close()
+    assert not os.path.exists(server.dir)
