@@ -32,20 +32,30 @@ class DirectError(OSError):
     """The direct path failed as a whole (the connection, or a refused request)."""
 
 
-def find_mount(path: str) -> tuple[str, dict] | None:
-    """(mount root, the .kvfs/direct description) of the kvfs mount above `path`, if it
-    serves the direct path."""
+def control_file(path: str, name: str) -> str | None:
+    """The file `name` of the control directory (.kvfs) of the kvfs mount above `path`,
+    if there is one: the directories up to that mount's root are searched, no further."""
     here = os.path.abspath(path)
     while True:
-        info = os.path.join(here, ".kvfs", "direct")
-        try:
-            with open(info, "rb") as f:
-                return here, json.loads(f.read())
-        except (OSError, ValueError):
-            pass
+        candidate = os.path.join(here, ".kvfs", name)
+        if os.path.exists(candidate):
+            return candidate
         if os.path.ismount(here) or here == os.path.dirname(here):
             return None
         here = os.path.dirname(here)
+
+
+def find_mount(path: str) -> tuple[str, dict] | None:
+    """(mount root, the .kvfs/direct description) of the kvfs mount above `path`, if it
+    serves the direct path."""
+    info = control_file(path, "direct")
+    if info is None:
+        return None
+    try:
+        with open(info, "rb") as f:
+            return os.path.dirname(os.path.dirname(info)), json.loads(f.read())
+    except (OSError, ValueError):
+        return None
 
 
 def connect(path: str) -> "DirectClient | None":

@@ -495,15 +495,9 @@ def _write_atomic(path: str, tensors: dict, meta: dict, kv_dtype: str) -> None:
 
 def _find_lookup_file(root: str) -> str | None:
     """The .kvfs/lookup file of the kvfs mount `root` is on, if any."""
-    path = os.path.abspath(root)
-    while True:
-        candidate = os.path.join(path, ".kvfs", "lookup")
-        if os.path.exists(candidate):
-            return candidate
-        parent = os.path.dirname(path)
-        if parent == path:
-            return None
-        path = parent
+    from .direct_client import control_file
+
+    return control_file(root, "lookup")
 
 
 def _batch_exists(lookup_file: str, root: str, paths: list[str]) -> list[bool]:
