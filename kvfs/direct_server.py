@@ -34,13 +34,11 @@ import json
 import logging
 import mmap
 import os
-import shutil
 import socket
 import stat
 import struct
 import tempfile
 import threading
-import time
 
 from .direct import DIRECT_THREADS, MAX_ITEMS, Caller
 from .errors import KvfsError
@@ -158,8 +156,8 @@ class DirectServer:
         prefix = f"kvfs-direct-{wh.sb['uuid'][:8]}-"
         base = runtime_dir or tempfile.gettempdir()
         for name in os.listdir(base):
-            if name.startswith(prefix) or (name.startswith("kvfs-direct-") and _abandoned(os.path.join(base, name))):
-                shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+            if name.startswith(prefix):
+                _remove_socket_dir(os.path.join(base, name))
         self.dir = tempfile.mkdtemp(prefix=prefix, dir=base)
         os.chmod(self.dir, 0o711)  # others may reach the socket, not list the directory
         self.path = os.path.join(self.dir, "socket")
@@ -200,7 +198,7 @@ class DirectServer:
                 pass
         if self._thread.is_alive():
             self._thread.join(timeout=5)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        _remove_socket_dir(self.dir)
 
     def _accept(self) -> None:
         while not self._stopping:
@@ -406,23 +404,16 @@ def _release(work: list, views: dict) -> None:
         v.release()
 
 
-def _abandoned(path: str) -> bool:
-    """Whether socket directory `path` is another warehouse's that no daemon serves any
-    more (killed): its socket refuses connections, and it is not one being set up now."""
+def _remove_socket_dir(path: str) -> None:
+    """Remove a socket directory of ours: its socket, then it, never anything else (a
+    directory holding more stays; rmdir refuses a mount point)."""
     try:
-        if time.time() - os.stat(path).st_mtime < 60:
-            return False
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.settimeout(0.5)
-            probe.connect(os.path.join(path, "socket"))
-            return False
-        finally:
-            probe.close()
-    except (ConnectionRefusedError, FileNotFoundError):
-        return True
+        sock = os.path.join(path, "socket")
+        if os.path.lexists(sock) and stat.S_ISSOCK(os.lstat(sock).st_mode):
+            os.unlink(sock)
+        os.rmdir(path)
     except OSError:
-        return False
+        pass
 
 
 def _is_int(v) -> bool:

@@ -282,7 +282,7 @@ def as_user(fn, uid=NOBODY, gid=NOBODY, groups=()):
 @pytest.fixture
 def public_dmount(make_warehouse):
     """A mount with allow_other on a mount point other users can reach."""
-    mp = tempfile.mkdtemp(prefix="kvfs-direct-", dir="/tmp")
+    mp = tempfile.mkdtemp(prefix="kvfs-dtest-", dir="/tmp")
     os.chmod(mp, 0o755)
     m = Mount(make_warehouse(block_size="64K", devices=(("a.img", "64M"),)), mp, ["allow_other"])
     try:
@@ -905,38 +905,35 @@ def test_names_no_client_could_use_are_refused(tmp_path):
         w.close()
 
 
-def test_socket_directories_of_killed_daemons_are_cleared_and_live_ones_kept(tmp_path):
-    """A daemon killed with -9 leaves its socket's directory; the next daemon to start
-    clears those no daemon serves (their sockets refuse connections), not live ones."""
+def test_a_killed_daemons_socket_directory_goes_at_the_next_mount_and_nothing_else(tmp_path):
+    """A daemon killed with -9 leaves its socket's directory, named after its warehouse;
+    the warehouse's next daemon removes it: the socket and the directory, nothing else (not
+    another warehouse's, not one holding anything more, never recursively)."""
     from kvfs.direct_server import DirectServer
 
     run = tmp_path / "run"
     run.mkdir()
-    old = time.time() - 3600
+    path, w, _ = _engine(tmp_path)
+    mine = f"kvfs-direct-{w.sb['uuid'][:8]}"
 
-    def socket_dir(name, listen):
+    def socket_dir(name, extra=False):
         d = run / name
         d.mkdir()
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.bind(str(d / "socket"))
-        if listen:
-            s.listen(1)
-        else:
-            s.close()
-        os.utime(d, (old, old))
-        return d, s
+        s.close()
+        if extra:
+            (d / "keep").write_bytes(b"x")
+        return d
 
-    dead, _ = socket_dir("kvfs-direct-0badc0de-dead", listen=False)
-    live, live_sock = socket_dir("kvfs-direct-0badc0de-live", listen=True)
-    other = run / "unrelated"
-    other.mkdir()
-    path, w, _ = _engine(tmp_path)
+    dead = socket_dir(f"{mine}-dead")
+    fuller = socket_dir(f"{mine}-full", extra=True)
+    others = socket_dir("kvfs-direct-0badc0de-other")
     server = DirectServer(w, runtime_dir=str(run))
     try:
-        assert not dead.exists() and live.exists() and other.exists()
-        assert os.path.dirname(server.path).startswith(str(run / "kvfs-direct-"))
+        assert not dead.exists() and (fuller / "keep").exists() and others.exists()
+        assert os.path.basename(server.dir).startswith(mine)
     finally:
         server.stop()
-        live_sock.close()
         w.close()
     assert not os.path.exists(server.dir)
