@@ -454,14 +454,20 @@ def _layout(tensors: dict, meta: dict, kv_dtype: str) -> tuple[bytes, dict, int]
         offsets[name] = (pos, pos + n)
         pos += n
     entries["__metadata__"] = meta
-    header = json.dumps(entries, separators=(",", ":")).encode()
-    # Padded (safetensors allows trailing spaces) to 8 bytes, or for a chunk of a MiB or
-    # more to 4 KiB: its tensors then start 4 KiB-aligned in the file, and a direct load
-    # reads them past the page cache (O_DIRECT) straight into the caller's array.
-    align = 4096 if pos >= 1 << 20 else 8
-    header += b" " * (-(8 + len(header)) % align if align > 8 else -len(header) % 8)
-    head = struct.pack("<Q", len(header)) + header
+    # For a chunk of a MiB or more the header is padded to 4 KiB: its tensors then start
+    # 4 KiB-aligned in the file, and a direct load reads them past the page cache (O_DIRECT)
+    # straight into the caller's array.
+    head = safetensors_head(entries, 4096 if pos >= 1 << 20 else 8)
     return head, offsets, len(head) + pos
+
+
+def safetensors_head(entries: dict, align: int = 8) -> bytes:
+    """The first bytes of a safetensors file: its header's length (u64 LE) and the JSON
+    header of `entries`, padded with spaces (which safetensors allows) so that the data
+    after it starts at a multiple of `align` (8 at least)."""
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-(8 + len(header)) % align if align > 8 else -len(header) % 8)
+    return struct.pack("<Q", len(header)) + header
 
 
 def _write_atomic(path: str, tensors: dict, meta: dict, kv_dtype: str) -> None:

@@ -55,7 +55,7 @@ from lmcache.v1.memory_management import MemoryFormat
 from lmcache.v1.storage_backend.abstract_backend import StoragePluginInterface
 
 from .direct_client import DirectError, connect
-from .kv import _batch_exists, _find_lookup_file
+from .kv import _batch_exists, _find_lookup_file, safetensors_head
 
 log = logging.getLogger("kvfs.lmcache")
 
@@ -131,9 +131,7 @@ def encode(key_str: str, obj) -> tuple[bytes, torch.Tensor, bytes]:
         "shapes": json.dumps([list(s) for s in shapes]),
         "dtypes": json.dumps([_dtype_name(d) for d in dtypes]),
     }
-    header = json.dumps(entries, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)
-    return struct.pack("<Q", len(header)) + header, data, positions
+    return safetensors_head(entries), data, positions
 
 
 class Layout:
