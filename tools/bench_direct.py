@@ -9,6 +9,7 @@ import concurrent.futures
 import json
 import mmap
 import os
+import statistics
 import time
 
 import numpy as np
@@ -151,7 +152,7 @@ def run(bench, drop_caches, Row) -> None:
         raws.append(raw_read())
         directs.append(direct_read())
     assert bytes(buf.mm[:total]) == bytes(data), "the direct path read other bytes"
-    kinds = f"buffered {statistics_median(raw_kinds[False]):.2f}, O_DIRECT {statistics_median(raw_kinds[True]):.2f} GB/s"
+    kinds = f"buffered {statistics.median(raw_kinds[False]):.2f}, O_DIRECT {statistics.median(raw_kinds[True]):.2f} GB/s"
     bench.add(f"cold read {count} x 32 MiB, direct path", "GB/s", {"raw": raws, "kvfs": directs},
               target=0.9, note=f"raw: device file, {THREADS} threads, the better of {kinds}; {note}".rstrip("; "))
     mounts = []
@@ -259,8 +260,8 @@ def run(bench, drop_caches, Row) -> None:
               "into a reused array",
               "GB/s", {"raw": raws, "kvfs": directs}, target=0.9,
               note=f"raw: device file, {THREADS} threads, the better of buffered "
-                   f"{statistics_median(raw_kinds[False]):.2f} and O_DIRECT {statistics_median(raw_kinds[True]):.2f}; "
-                   f"{ctx / 1e9 / statistics_median(directs):.2f} s")
+                   f"{statistics.median(raw_kinds[False]):.2f} and O_DIRECT {statistics.median(raw_kinds[True]):.2f}; "
+                   f"{ctx / 1e9 / statistics.median(directs):.2f} s")
     bench.add("load the same context, kvfs.kv direct path, into fresh memory", "GB/s",
               {"raw": raws[:1], "kvfs": fresh}, note=f"{ctx / 1e9 / fresh[0]:.2f} s: the kernel zeroes "
               "and maps every new page")
@@ -271,9 +272,5 @@ def run(bench, drop_caches, Row) -> None:
     client.close()
 
 
-def statistics_median(v: list[float]) -> float:
-    return sorted(v)[len(v) // 2]
-
-
 def statistics_ratio(a: list[float], b: list[float]) -> str:
-    return f"{statistics_median(a) / statistics_median(b):.1f}x"
+    return f"{statistics.median(a) / statistics.median(b):.1f}x"
